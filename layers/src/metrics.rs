@@ -1,0 +1,470 @@
+//! Metrics: lock-free counters on the request path, Prometheus text on scrape.
+//!
+//! Handles ([`ServiceMetrics`], [`Counter`]) are created when a stack is built (the
+//! registry's lock is taken then and on scrape, never per request) and recorded with
+//! relaxed atomics. General-purpose metric crates keep label families behind a lock
+//! and histograms behind a mutex, which is the cost this module exists to avoid.
+//!
+//! [`RequestMetricsLayer`] sits in each logical stack: it counts responses by status
+//! and observes the time to response headers. [`CountLayer`] counts calls (the balancer
+//! choosing an endpoint).
+
+use crate::{errors, Error};
+use http::Response;
+use pin_project_lite::pin_project;
+use std::{
+    collections::BTreeMap,
+    fmt::Write,
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
+        Arc, Mutex,
+    },
+    task::{ready, Context, Poll},
+    time::{Duration, Instant},
+};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// A monotonically increasing count.
+#[derive(Clone, Debug, Default)]
+pub struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    /// Adds one.
+    pub fn incr(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Clone, Debug, Default)]
+pub struct Gauge(Arc<AtomicI64>);
+
+impl Gauge {
+    /// Adds one.
+    pub fn incr(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+
+    /// Subtracts one.
+    pub fn decr(&self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Relaxed)
+    }
+
+    /// Increments now and decrements when the returned guard is dropped.
+    pub fn track(&self) -> GaugeGuard {
+        self.incr();
+        GaugeGuard(self.clone())
+    }
+}
+
+/// Decrements its gauge when dropped.
+#[derive(Debug)]
+pub struct GaugeGuard(Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.decr();
+    }
+}
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A fixed-bucket histogram of durations.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Non-cumulative counts; the last is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_micros
+            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[LATENCY_BUCKETS.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
+/// Per-service request metrics.
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    /// Responses by status code (100..=599).
+    statuses: Box<[AtomicU64]>,
+    latency: Histogram,
+}
+
+impl ServiceMetrics {
+    fn new() -> Self {
+        Self {
+            statuses: (100..600).map(|_| AtomicU64::new(0)).collect(),
+            latency: Histogram::default(),
+        }
+    }
+
+    /// Records a response.
+    pub fn record(&self, status: u16, latency: Duration) {
+        if let Some(c) = self.statuses.get(usize::from(status).wrapping_sub(100)) {
+            c.fetch_add(1, Relaxed);
+        }
+        self.latency.observe(latency);
+    }
+
+    /// Responses with `status` so far.
+    pub fn count(&self, status: u16) -> u64 {
+        self.statuses
+            .get(usize::from(status).wrapping_sub(100))
+            .map_or(0, |c| c.load(Relaxed))
+    }
+}
+
+/// Process-wide gauges and counters that are not per service.
+#[derive(Debug, Default)]
+pub struct Global {
+    /// Accepted connections still open.
+    pub open_connections: Gauge,
+    /// Connections by detected protocol.
+    pub connections_http1: Counter,
+    /// HTTP/2 connections.
+    pub connections_http2: Counter,
+    /// Opaque TCP connections.
+    pub connections_opaque: Counter,
+    /// Connections closed because detection timed out.
+    pub detect_timeouts: Counter,
+    /// Requests answered 400 by baton (malformed).
+    pub bad_requests: Counter,
+    /// Requests that matched no route (404).
+    pub unrouted: Counter,
+    /// Requests in flight (HTTP).
+    pub in_flight: Gauge,
+    /// Requests shed because `BATON_MAX_IN_FLIGHT` was reached.
+    pub shed: Counter,
+    /// Bytes copied client -> upstream on opaque connections.
+    pub opaque_bytes_in: Counter,
+    /// Bytes copied upstream -> client on opaque connections.
+    pub opaque_bytes_out: Counter,
+}
+
+/// The metrics registry.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    global: Global,
+    services: Mutex<BTreeMap<Arc<str>, Arc<ServiceMetrics>>>,
+    choices: Mutex<BTreeMap<(Arc<str>, String), Counter>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Metrics {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Process-wide metrics.
+    pub fn global(&self) -> &Global {
+        &self.inner.global
+    }
+
+    /// The request metrics of `service` (created on first use, kept for the life of the
+    /// process so counters survive a balancer being rebuilt).
+    pub fn service(&self, service: &Arc<str>) -> Arc<ServiceMetrics> {
+        lock(&self.inner.services)
+            .entry(service.clone())
+            .or_insert_with(|| Arc::new(ServiceMetrics::new()))
+            .clone()
+    }
+
+    /// The counter of balancer choices of `endpoint` in `service`.
+    pub fn choices(&self, service: &Arc<str>, endpoint: String) -> Counter {
+        lock(&self.inner.choices)
+            .entry((service.clone(), endpoint))
+            .or_default()
+            .clone()
+    }
+
+    /// Appends the Prometheus text exposition of everything registered here.
+    pub fn render(&self, out: &mut String) {
+        let g = &self.inner.global;
+        gauge(out, "baton_open_connections", "Accepted connections currently open.", g.open_connections.get());
+        header(out, "baton_connections_total", "Accepted connections by detected protocol.", "counter");
+        for (p, c) in [
+            ("http1", &g.connections_http1),
+            ("http2", &g.connections_http2),
+            ("opaque", &g.connections_opaque),
+        ] {
+            let _ = writeln!(out, "baton_connections_total{{protocol=\"{p}\"}} {}", c.get());
+        }
+        counter(out, "baton_detect_timeouts_total", "Connections closed because the client sent nothing to detect in time.", g.detect_timeouts.get());
+        counter(out, "baton_bad_requests_total", "Malformed requests answered 400.", g.bad_requests.get());
+        counter(out, "baton_unrouted_requests_total", "Requests that matched no route (404).", g.unrouted.get());
+        gauge(out, "baton_in_flight_requests", "HTTP requests in flight.", g.in_flight.get());
+        counter(out, "baton_load_shed_total", "Requests refused with 503 because BATON_MAX_IN_FLIGHT was reached.", g.shed.get());
+        header(out, "baton_opaque_bytes_total", "Bytes forwarded on opaque TCP connections.", "counter");
+        let _ = writeln!(out, "baton_opaque_bytes_total{{direction=\"to_upstream\"}} {}", g.opaque_bytes_in.get());
+        let _ = writeln!(out, "baton_opaque_bytes_total{{direction=\"to_client\"}} {}", g.opaque_bytes_out.get());
+
+        let services = lock(&self.inner.services).clone();
+        header(out, "baton_requests_total", "HTTP responses by service and status (including baton's own).", "counter");
+        for (name, m) in &services {
+            let name = escape(name);
+            for (i, c) in m.statuses.iter().enumerate() {
+                let n = c.load(Relaxed);
+                if n > 0 {
+                    let _ = writeln!(out, "baton_requests_total{{service=\"{name}\",status=\"{}\"}} {n}", i + 100);
+                }
+            }
+        }
+        header(out, "baton_request_duration_seconds", "Time from request to response headers, by service.", "histogram");
+        for (name, m) in &services {
+            m.latency.render(out, "baton_request_duration_seconds", &format!("service=\"{}\"", escape(name)));
+        }
+        header(out, "baton_balancer_choices_total", "Times the balancer chose each endpoint.", "counter");
+        for ((service, endpoint), c) in lock(&self.inner.choices).iter() {
+            let _ = writeln!(
+                out,
+                "baton_balancer_choices_total{{service=\"{}\",endpoint=\"{}\"}} {}",
+                escape(service),
+                escape(endpoint),
+                c.get()
+            );
+        }
+    }
+}
+
+/// Writes `# HELP` and `# TYPE` lines.
+pub fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Writes an unlabelled counter.
+pub fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    header(out, name, help, "counter");
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// Writes an unlabelled gauge.
+pub fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
+    header(out, name, help, "gauge");
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// Escapes a Prometheus label value.
+pub fn escape(v: &str) -> std::borrow::Cow<'_, str> {
+    if v.contains(['\\', '"', '\n']) {
+        v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n").into()
+    } else {
+        v.into()
+    }
+}
+
+/// Records each response's status and latency in a [`ServiceMetrics`].
+#[derive(Clone, Debug)]
+pub struct RequestMetrics<S> {
+    inner: S,
+    metrics: Arc<ServiceMetrics>,
+}
+
+/// Layer for [`RequestMetrics`].
+#[derive(Clone, Debug)]
+pub struct RequestMetricsLayer {
+    metrics: Arc<ServiceMetrics>,
+}
+
+impl RequestMetricsLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: Arc<ServiceMetrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for RequestMetricsLayer {
+    type Service = RequestMetrics<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+impl<S, Req, B> Service<Req> for RequestMetrics<S>
+where
+    S: Service<Req, Response = Response<B>>,
+    S::Error: Into<Error>,
+{
+    type Response = Response<B>;
+    type Error = Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        ResponseFuture {
+            inner: self.inner.call(req),
+            start: Instant::now(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`RequestMetrics`].
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        start: Instant,
+        metrics: Arc<ServiceMetrics>,
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<Error>,
+{
+    type Output = Result<Response<B>, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx)).map_err(Into::into);
+        let status = match &result {
+            Ok(rsp) => rsp.status().as_u16(),
+            Err(e) => errors::status_for(&**e).0.as_u16(),
+        };
+        this.metrics.record(status, this.start.elapsed());
+        Poll::Ready(result)
+    }
+}
+
+/// Counts calls into a [`Counter`].
+#[derive(Clone, Debug)]
+pub struct Count<S> {
+    inner: S,
+    counter: Counter,
+}
+
+impl<S> Count<S> {
+    /// Counts calls to `inner` in `counter`.
+    pub fn new(inner: S, counter: Counter) -> Self {
+        Self { inner, counter }
+    }
+}
+
+impl<S: Service<Req>, Req> Service<Req> for Count<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> S::Future {
+        self.counter.incr();
+        self.inner.call(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{service_fn, ServiceExt};
+
+    #[tokio::test]
+    async fn records_statuses_and_latency_and_renders_them() {
+        let metrics = Metrics::new();
+        let web = metrics.service(&"web".into());
+        let svc = RequestMetricsLayer::new(web.clone()).layer(service_fn(|code: u16| async move {
+            if code == 0 {
+                return Err::<Response<()>, Error>(crate::errors::NoEndpoints { service: "web".into() }.into());
+            }
+            let mut rsp = Response::new(());
+            *rsp.status_mut() = http::StatusCode::from_u16(code).unwrap();
+            Ok(rsp)
+        }));
+        svc.clone().oneshot(200).await.unwrap();
+        svc.clone().oneshot(200).await.unwrap();
+        svc.clone().oneshot(404).await.unwrap();
+        svc.oneshot(0).await.unwrap_err();
+        assert_eq!(web.count(200), 2);
+        assert_eq!(web.count(503), 1, "errors are counted with the status they map to");
+        let c = metrics.choices(&"web".into(), "10.0.0.1:80".into());
+        Count::new(service_fn(|()| async { Ok::<_, Error>(()) }), c.clone())
+            .oneshot(())
+            .await
+            .unwrap();
+
+        let mut out = String::new();
+        metrics.render(&mut out);
+        assert!(out.contains("baton_requests_total{service=\"web\",status=\"200\"} 2\n"), "{out}");
+        assert!(out.contains("baton_requests_total{service=\"web\",status=\"404\"} 1\n"));
+        assert!(out.contains("baton_request_duration_seconds_count{service=\"web\"} 4\n"));
+        assert!(out.contains("baton_request_duration_seconds_bucket{service=\"web\",le=\"+Inf\"} 4\n"));
+        assert!(out.contains("baton_balancer_choices_total{service=\"web\",endpoint=\"10.0.0.1:80\"} 1\n"));
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(300));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let mut out = String::new();
+        h.render(&mut out, "x", "a=\"b\"");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.0005\"} 1\n"));
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.005\"} 2\n"));
+        assert!(out.contains("x_bucket{a=\"b\",le=\"10\"} 2\n"));
+        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"));
+        assert_eq!(escape("a\"b"), "a\\\"b");
+    }
+}

@@ -1,0 +1,108 @@
+//! Opening connections to endpoints.
+
+use crate::errors::ConnectError;
+use hyper_util::rt::TokioIo;
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+use tokio::net::{TcpSocket, TcpStream};
+use tower_service::Service;
+
+/// Socket settings for upstream connections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectConfig {
+    /// Give up connecting after this long (`BATON_CONNECT_TIMEOUT`).
+    pub timeout: Duration,
+    /// TCP keepalive idle time, if any.
+    pub keepalive: Option<Duration>,
+    /// `SO_MARK` for upstream sockets, so capture rules can exclude baton's own
+    /// traffic (needs CAP_NET_ADMIN).
+    pub mark: Option<u32>,
+}
+
+impl Default for ConnectConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(1),
+            keepalive: Some(Duration::from_secs(60)),
+            mark: None,
+        }
+    }
+}
+
+/// Connects to `addr`: non-blocking, `TCP_NODELAY`, bounded by the timeout.
+pub async fn connect(addr: SocketAddr, cfg: &ConnectConfig) -> Result<TcpStream, ConnectError> {
+    let io = |e| ConnectError::from_io(addr, e);
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(io)?;
+    socket.set_nodelay(true).map_err(io)?;
+    let sock = socket2::SockRef::from(&socket);
+    if let Some(idle) = cfg.keepalive {
+        sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle))
+            .map_err(io)?;
+    }
+    if let Some(mark) = cfg.mark {
+        sock.set_mark(mark).map_err(io)?;
+    }
+    match tokio::time::timeout(cfg.timeout, socket.connect(addr)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(ConnectError::from_io(addr, e)),
+        Err(_) => Err(ConnectError::Timeout(addr, cfg.timeout)),
+    }
+}
+
+/// A hyper connector that always connects to one endpoint, whatever the URI says (the
+/// URI carries the request's authority, which is not where the endpoint is).
+#[derive(Clone, Debug)]
+pub struct Connector {
+    addr: SocketAddr,
+    cfg: Arc<ConnectConfig>,
+}
+
+impl Connector {
+    /// Connects to `addr` with `cfg`.
+    pub fn new(addr: SocketAddr, cfg: Arc<ConnectConfig>) -> Self {
+        Self { addr, cfg }
+    }
+}
+
+impl Service<http::Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let (addr, cfg) = (self.addr, self.cfg.clone());
+        // Once per new connection, not per request: boxing is fine here.
+        Box::pin(async move { connect(addr, &cfg).await.map(TokioIo::new) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn classifies_refused_and_connects() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = connect(addr, &ConnectConfig::default()).await.unwrap();
+        assert!(stream.nodelay().unwrap());
+        drop(listener);
+        let err = connect(addr, &ConnectConfig::default()).await.unwrap_err();
+        assert!(matches!(err, ConnectError::Refused(a) if a == addr), "{err}");
+    }
+}

@@ -1,0 +1,283 @@
+//! `HttpProxy`: forwards a request to one endpoint and streams the response back.
+//!
+//! One per endpoint, built by [`NewHttpProxy`]. Each holds pooled hyper clients whose
+//! connector always dials that endpoint, so the pool is per endpoint and goes away with
+//! it. Bodies stream in both directions (never buffered). The request keeps its `Host`
+//! (the upstream sees the name the client used); hop-by-hop headers are removed both
+//! ways; `x-forwarded-for` and `forwarded` are added.
+//!
+//! The upstream HTTP version follows the logical service's setting: `auto` keeps the
+//! client's (HTTP/2 in, HTTP/2 with prior knowledge out), `http1`/`http2` force one, so
+//! an HTTP/2 client can reach an HTTP/1-only application and the reverse.
+//!
+//! Always ready: the pool opens connections on demand. Failures are typed:
+//! [`ConnectError`](crate::errors::ConnectError) when no connection could be made (the
+//! request was not sent; retryable), [`UpstreamError`] otherwise.
+
+use super::{
+    connect::{ConnectConfig, Connector},
+    headers,
+};
+use crate::{
+    body::Body,
+    errors::UpstreamError,
+    new_service::NewService,
+    target::{ClientInfo, Endpoint, UpstreamProtocol},
+    Error,
+};
+use http::{header, uri, HeaderValue, Request, Response, Uri, Version};
+use hyper_util::{
+    client::legacy::{self, Client},
+    rt::{TokioExecutor, TokioTimer},
+};
+use pin_project_lite::pin_project;
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{ready, Context, Poll},
+    time::Duration,
+};
+use tower_service::Service;
+
+/// Upstream client settings.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// How connections are opened.
+    pub connect: Arc<ConnectConfig>,
+    /// Idle pooled connections are closed after this long (`BATON_POOL_IDLE_TIMEOUT`).
+    pub pool_idle_timeout: Duration,
+    /// At most this many idle connections are kept per endpoint (`BATON_POOL_MAX_IDLE`).
+    pub pool_max_idle: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            connect: Arc::default(),
+            pool_idle_timeout: Duration::from_secs(30),
+            pool_max_idle: 256,
+        }
+    }
+}
+
+/// Builds an [`HttpProxy`] per endpoint.
+#[derive(Clone, Debug)]
+pub struct NewHttpProxy {
+    cfg: Arc<ClientConfig>,
+}
+
+impl NewHttpProxy {
+    /// Proxies with `cfg`.
+    pub fn new(cfg: ClientConfig) -> Self {
+        Self { cfg: Arc::new(cfg) }
+    }
+}
+
+impl NewService<Endpoint> for NewHttpProxy {
+    type Service = HttpProxy;
+
+    fn new_service(&self, endpoint: Endpoint) -> HttpProxy {
+        let connector = Connector::new(endpoint.addr, self.cfg.connect.clone());
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(self.cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(self.cfg.pool_max_idle)
+            // baton writes Host itself (the client's), never the endpoint's address.
+            .set_host(false);
+        let h1 = builder.build(connector.clone());
+        let h2 = builder.http2_only(true).build(connector);
+        let authority = uri::Authority::try_from(endpoint.addr.to_string().as_str())
+            .expect("a socket address is a valid authority");
+        HttpProxy {
+            h1,
+            h2,
+            addr: endpoint.addr,
+            authority,
+            upstream: endpoint.logical.upstream,
+        }
+    }
+}
+
+/// Proxies requests to one endpoint (see the module docs).
+#[derive(Clone, Debug)]
+pub struct HttpProxy {
+    h1: Client<Connector, Body>,
+    h2: Client<Connector, Body>,
+    addr: SocketAddr,
+    authority: uri::Authority,
+    upstream: UpstreamProtocol,
+}
+
+impl HttpProxy {
+    /// Rewrites a client's request into the request sent upstream.
+    fn prepare(&self, req: Request<Body>) -> Request<Body> {
+        let (mut parts, body) = req.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        if let Some(client) = parts.extensions.get::<ClientInfo>() {
+            headers::add_forwarded(&mut parts.headers, client);
+        }
+        let h2 = match self.upstream {
+            UpstreamProtocol::Auto => parts.version == Version::HTTP_2,
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Http2 => true,
+        };
+        let client_authority = parts.uri.authority().cloned();
+        let mut uri = uri::Parts::default();
+        uri.scheme = Some(uri::Scheme::HTTP);
+        uri.path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .or_else(|| Some(uri::PathAndQuery::from_static("/")));
+        if h2 {
+            // HTTP/2 carries the host as :authority, taken from the URI.
+            let host = parts
+                .headers
+                .remove(header::HOST)
+                .and_then(|h| uri::Authority::try_from(h.as_bytes()).ok());
+            uri.authority = host.or(client_authority).or_else(|| Some(self.authority.clone()));
+            parts.version = Version::HTTP_2;
+        } else {
+            if !parts.headers.contains_key(header::HOST) {
+                // From HTTP/2 (or an HTTP/1.0 client without Host): name the host.
+                let host = client_authority.as_ref().unwrap_or(&self.authority);
+                if let Ok(v) = HeaderValue::from_str(host.as_str()) {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+            // The pool is keyed by the URI's authority: use the endpoint's, so all
+            // requests share one pool whatever their Host.
+            uri.authority = Some(self.authority.clone());
+            parts.version = Version::HTTP_11;
+        }
+        parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
+        Request::from_parts(parts, body)
+    }
+}
+
+impl Service<Request<Body>> for HttpProxy {
+    type Response = Response<Body>;
+    type Error = Error;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> ResponseFuture {
+        let downstream = match req.version() {
+            Version::HTTP_2 => Version::HTTP_2,
+            _ => Version::HTTP_11,
+        };
+        let req = self.prepare(req);
+        let inner = if req.version() == Version::HTTP_2 {
+            self.h2.request(req)
+        } else {
+            self.h1.request(req)
+        };
+        ResponseFuture {
+            inner,
+            addr: self.addr,
+            downstream,
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`HttpProxy`].
+    pub struct ResponseFuture {
+        #[pin]
+        inner: legacy::ResponseFuture,
+        addr: SocketAddr,
+        downstream: Version,
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<Body>, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match ready!(this.inner.poll(cx)) {
+            Ok(rsp) => {
+                let (mut parts, body) = rsp.into_parts();
+                headers::remove_hop_by_hop(&mut parts.headers);
+                parts.version = *this.downstream;
+                Poll::Ready(Ok(Response::from_parts(parts, Body::Incoming(body))))
+            }
+            Err(e) => Poll::Ready(Err(UpstreamError {
+                addr: *this.addr,
+                source: e.into(),
+            }
+            .into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::{Accept, Lb, Logical, Protocol};
+
+    fn proxy(upstream: UpstreamProtocol) -> HttpProxy {
+        let logical = Logical {
+            service: "web".into(),
+            protocol: Protocol::Http,
+            lb: Lb::P2c,
+            upstream,
+        };
+        NewHttpProxy::new(ClientConfig::default()).new_service(Endpoint {
+            logical,
+            id: "e".into(),
+            addr: "10.0.0.5:8080".parse().unwrap(),
+            handoff_port: None,
+            weight: 1,
+        })
+    }
+
+    fn client() -> ClientInfo {
+        ClientInfo::new(Accept {
+            client: "10.0.0.9:4000".parse().unwrap(),
+            orig_dst: "10.0.0.1:80".parse().unwrap(),
+        })
+    }
+
+    #[tokio::test]
+    async fn http1_request_keeps_host_and_targets_the_endpoint() {
+        let mut req = Request::get("/a?b=c")
+            .header("host", "web.example")
+            .header("connection", "close")
+            .body(Body::Empty)
+            .unwrap();
+        req.extensions_mut().insert(client());
+        let out = proxy(UpstreamProtocol::Auto).prepare(req);
+        assert_eq!(out.uri(), "http://10.0.0.5:8080/a?b=c");
+        assert_eq!(out.headers()["host"], "web.example");
+        assert!(!out.headers().contains_key("connection"));
+        assert_eq!(out.headers()["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(out.version(), Version::HTTP_11);
+    }
+
+    #[tokio::test]
+    async fn versions_translate_both_ways() {
+        // HTTP/2 client to an HTTP/1 upstream: :authority becomes Host.
+        let req = Request::get("http://web.example/x")
+            .version(Version::HTTP_2)
+            .body(Body::Empty)
+            .unwrap();
+        let out = proxy(UpstreamProtocol::Http1).prepare(req);
+        assert_eq!(out.version(), Version::HTTP_11);
+        assert_eq!(out.headers()["host"], "web.example");
+
+        // HTTP/1 client to an HTTP/2 upstream: Host becomes :authority.
+        let req = Request::get("/x").header("host", "web.example").body(Body::Empty).unwrap();
+        let out = proxy(UpstreamProtocol::Http2).prepare(req);
+        assert_eq!(out.version(), Version::HTTP_2);
+        assert_eq!(out.uri(), "http://web.example/x");
+        assert!(!out.headers().contains_key("host"));
+    }
+}

@@ -1,0 +1,114 @@
+//! The system calls no safe crate wraps: `splice(2)` through a pipe.
+//!
+//! Every `unsafe` block of the crate lives here, each with its `SAFETY` reasoning.
+//! Later kernel interfaces (TCP_REPAIR, netlink) join this module tree.
+
+#![allow(unsafe_code)]
+
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+};
+
+/// Pipe capacity requested for splicing (the kernel may round it).
+pub const PIPE_SIZE: usize = 1 << 20;
+
+/// A non-blocking pipe used as the in-kernel buffer between two sockets.
+#[derive(Debug)]
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+impl Pipe {
+    /// Creates a non-blocking, close-on-exec pipe and tries to grow it to
+    /// [`PIPE_SIZE`] (falling back to the default size when not allowed).
+    pub fn new() -> io::Result<Self> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` is a valid, writable array of two c_ints, as pipe2 requires.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ takes an int argument; the fd is a valid pipe.
+        let set = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        let capacity = if set > 0 {
+            set as usize
+        } else {
+            // SAFETY: F_GETPIPE_SZ takes no argument; the fd is a valid pipe.
+            let got = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+            if got > 0 {
+                got as usize
+            } else {
+                1 << 16
+            }
+        };
+        Ok(Self {
+            read,
+            write,
+            capacity,
+        })
+    }
+
+    /// Bytes the pipe can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Moves up to `len` bytes from the socket `from` into the pipe. `Ok(0)` is EOF.
+    pub fn fill_from(&self, from: RawFd, len: usize) -> io::Result<usize> {
+        splice(from, self.write.as_raw_fd(), len)
+    }
+
+    /// Moves up to `len` bytes from the pipe to the socket `to`.
+    pub fn drain_to(&self, to: RawFd, len: usize) -> io::Result<usize> {
+        splice(self.read.as_raw_fd(), to, len)
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: null offsets are allowed for pipes and sockets; the descriptors are
+    // borrowed for the duration of the call and invalid ones only produce EBADF.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn moves_bytes_between_sockets_through_the_pipe() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let (c, mut d) = UnixStream::pair().unwrap();
+        let pipe = Pipe::new().unwrap();
+        assert!(pipe.capacity() >= 4096);
+        a.write_all(b"hello splice").unwrap();
+        let n = pipe.fill_from(b.as_raw_fd(), 64).unwrap();
+        assert_eq!(n, 12);
+        assert_eq!(pipe.drain_to(c.as_raw_fd(), n).unwrap(), 12);
+        let mut buf = [0u8; 12];
+        d.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello splice");
+        drop(a);
+        assert_eq!(pipe.fill_from(b.as_raw_fd(), 64).unwrap(), 0, "EOF");
+    }
+}
