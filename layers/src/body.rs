@@ -4,7 +4,6 @@
 //! answers (errors, admin) are a single chunk. An enum rather than a boxed trait object
 //! keeps the per-request path free of allocations.
 
-use crate::Error;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use std::{
@@ -44,14 +43,16 @@ impl From<hyper::body::Incoming> for Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = Error;
+    // A concrete error (not a boxed one): the only fallible variant is hyper's, and a
+    // `Box<dyn Error>` here trips rustc's `Send` inference for hyper's HTTP/2 server.
+    type Error = hyper::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            Self::Incoming(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Self::Incoming(body) => Pin::new(body).poll_frame(cx),
             Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Self::Empty => Poll::Ready(None),
         }

@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use std::{
     future::Future,
     pin::Pin,
-    task::{ready, Context, Poll},
+    task::{Context, Poll},
 };
 use tower_layer::Layer;
 use tower_service::Service;
@@ -55,15 +55,14 @@ pub struct InFlightLimit<S> {
 
 impl<S, Req> Service<Req> for InFlightLimit<S>
 where
-    S: Service<Req, Response = Response<Body>>,
-    S::Error: Into<Error>,
+    S: Service<Req, Response = Response<Body>, Error = Error>,
 {
     type Response = Response<Body>;
     type Error = Error;
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
@@ -96,16 +95,15 @@ pin_project! {
     }
 }
 
-impl<F, E> Future for ResponseFuture<F>
+impl<F> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<Response<Body>, E>>,
-    E: Into<Error>,
+    F: Future<Output = Result<Response<Body>, Error>>,
 {
     type Output = Result<Response<Body>, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            Proj::Inner { inner, .. } => Poll::Ready(ready!(inner.poll(cx)).map_err(Into::into)),
+            Proj::Inner { inner, .. } => inner.poll(cx),
             Proj::Shed { rsp } => {
                 Poll::Ready(rsp.take().ok_or_else(|| "polled after completion".into()))
             }

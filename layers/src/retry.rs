@@ -10,8 +10,9 @@
 //! Sits below the request timeout (retries share one deadline) and above the buffered
 //! balancer.
 
-use crate::{body::Body, errors, Error};
+use crate::{body::Body, errors, proxy::tcp::OpaqueRequest, Error};
 use http::{Method, Request, Response};
+use tokio::net::TcpStream;
 use tower::retry::Policy;
 
 /// Retry requests whose connection attempt failed (see the module docs).
@@ -66,6 +67,30 @@ impl Policy<Request<Body>, Response<Body>, Error> for ConnectRetry {
         *copy.headers_mut() = req.headers().clone();
         *copy.extensions_mut() = req.extensions().clone();
         Some(copy)
+    }
+}
+
+/// Opaque connections are retried on another endpoint when connecting fails: nothing
+/// was sent yet.
+impl Policy<OpaqueRequest, TcpStream, Error> for ConnectRetry {
+    type Future = std::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        _req: &mut OpaqueRequest,
+        result: &mut Result<TcpStream, Error>,
+    ) -> Option<Self::Future> {
+        match result {
+            Err(e) if self.remaining > 0 && errors::is_connect_error(&**e) => {
+                self.remaining -= 1;
+                Some(std::future::ready(()))
+            }
+            _ => None,
+        }
+    }
+
+    fn clone_request(&mut self, req: &OpaqueRequest) -> Option<OpaqueRequest> {
+        (self.remaining > 0).then_some(*req)
     }
 }
 

@@ -14,7 +14,7 @@
 //! `404` right here. The router is always ready: readiness belongs to the routed
 //! service, which is driven inside the response future.
 
-use crate::{body::Body, errors, new_service::NewService, target::ClientInfo, Error};
+use crate::{body::Body, errors, metrics::Counter, new_service::NewService, target::ClientInfo, Error};
 use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use std::{
@@ -187,6 +187,7 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
 pub struct Router<L, N> {
     routes: Routes<L>,
     new_logical: N,
+    unrouted: Counter,
 }
 
 impl<L, N> Router<L, N> {
@@ -195,7 +196,14 @@ impl<L, N> Router<L, N> {
         Self {
             routes,
             new_logical,
+            unrouted: Counter::default(),
         }
+    }
+
+    /// Counts requests that match no route in `counter`.
+    pub fn on_unrouted(mut self, counter: Counter) -> Self {
+        self.unrouted = counter;
+        self
     }
 }
 
@@ -203,8 +211,7 @@ impl<L, N, S> Service<Request<Body>> for Router<L, N>
 where
     L: Clone,
     N: NewService<L, Service = S>,
-    S: Service<Request<Body>, Response = Response<Body>>,
-    S::Error: Into<Error>,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error>,
 {
     type Response = Response<Body>;
     type Error = Error;
@@ -228,6 +235,7 @@ where
                 }
             }
             None => {
+                self.unrouted.incr();
                 tracing::info!(host = host.unwrap_or(""), path = req.uri().path(), "no route");
                 let line = format!(
                     "no route for host {:?} path {:?}",
@@ -261,14 +269,13 @@ pin_project! {
 
 impl<S> Future for RouteFuture<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>>,
-    S::Error: Into<Error>,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error>,
 {
     type Output = Result<Response<Body>, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            RouteProj::Routed { inner } => inner.poll(cx).map_err(Into::into),
+            RouteProj::Routed { inner } => inner.poll(cx),
             RouteProj::NotFound { rsp } => {
                 Poll::Ready(rsp.take().ok_or_else(|| "polled after completion".into()))
             }

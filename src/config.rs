@@ -1,0 +1,650 @@
+//! Configuration: every `BATON_*` variable, parsed once into a typed [`Config`].
+//!
+//! Variables are read through the [`Strings`] seam (the process environment in
+//! production, a map in tests: nothing here calls `set_var`). Each variable's name and
+//! default sit side by side as constants. Parsing never stops at the first problem:
+//! every bad variable is reported, by name, with the value and the expected form, and
+//! `main` exits with status 2. An empty variable counts as unset.
+
+use baton_discovery::static_source::{self, ServiceMap};
+use baton_layers::{
+    balance::HttpHashKey,
+    route::{self, Match},
+    target::{Lb, Logical, Protocol, UpstreamProtocol},
+};
+use serde::{Serialize, Serializer};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::SocketAddr,
+    path::PathBuf,
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
+
+/// Where configuration strings come from.
+pub trait Strings {
+    /// The value of `name`, if set.
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Env;
+
+impl Strings for Env {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Strings for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+impl Strings for HashMap<&str, &str> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).map(|s| s.to_string())
+    }
+}
+
+/// Values from `first`, falling back to `then` (e.g. demo defaults under the env).
+#[derive(Debug)]
+pub struct Overlay<A, B>(pub A, pub B);
+
+impl<A: Strings, B: Strings> Strings for Overlay<A, B> {
+    fn get(&self, name: &str) -> Option<String> {
+        self.0.get(name).or_else(|| self.1.get(name))
+    }
+}
+
+macro_rules! vars {
+    ($( $(#[$doc:meta])* $name:ident = $default_name:ident : $default:expr; )*) => {
+        $(
+            $(#[$doc])*
+            pub const $name: &str = stringify!($name);
+            #[doc = concat!("Default of `", stringify!($name), "`.")]
+            pub const $default_name: &str = $default;
+        )*
+        /// Every variable with its default, in README order.
+        pub const ALL: &[(&str, &str)] = &[$((stringify!($name), $default)),*];
+    };
+}
+
+vars! {
+    /// Address of the inbound (data) listener.
+    BATON_INBOUND_ADDR = DEFAULT_INBOUND_ADDR: "0.0.0.0:15006";
+    /// `plain`, `tproxy` or `redirect`.
+    BATON_INBOUND_MODE = DEFAULT_INBOUND_MODE: "plain";
+    /// Address of the admin server.
+    BATON_ADMIN_ADDR = DEFAULT_ADMIN_ADDR: "0.0.0.0:15021";
+    /// How long a new connection may take to show its protocol.
+    BATON_DETECT_TIMEOUT = DEFAULT_DETECT_TIMEOUT: "10s";
+    /// Original-destination ports forwarded as opaque TCP without detection.
+    BATON_OPAQUE_PORTS = DEFAULT_OPAQUE_PORTS: "";
+    /// Largest accepted HTTP/1 request head.
+    BATON_MAX_HEADER_BYTES = DEFAULT_MAX_HEADER_BYTES: "65536";
+    /// Time allowed for a request head, counted from when the connection waits for one.
+    BATON_HEADER_READ_TIMEOUT = DEFAULT_HEADER_READ_TIMEOUT: "60s";
+    /// Ordered routes, `MATCH=SERVICE;...`.
+    BATON_ROUTES = DEFAULT_ROUTES: "";
+    /// Discovery source.
+    BATON_DISCOVERY = DEFAULT_DISCOVERY: "static";
+    /// Static services, `NAME=IP:PORT[@HANDOFF],...;...`.
+    BATON_STATIC_SERVICES = DEFAULT_STATIC_SERVICES: "";
+    /// A file with static services, re-read on change and SIGHUP.
+    BATON_STATIC_FILE = DEFAULT_STATIC_FILE: "";
+    /// Default balancing algorithm.
+    BATON_LB = DEFAULT_LB: "p2c";
+    /// Per-service algorithms, `SERVICE=ALGO,...`.
+    BATON_LB_OVERRIDES = DEFAULT_LB_OVERRIDES: "";
+    /// The key of `hash` balancing.
+    BATON_HASH_KEY = DEFAULT_HASH_KEY: "path";
+    /// HTTP version spoken upstream.
+    BATON_UPSTREAM_PROTOCOL = DEFAULT_UPSTREAM_PROTOCOL: "auto";
+    /// Per-service upstream versions, `SERVICE=VERSION,...`.
+    BATON_UPSTREAM_PROTOCOL_OVERRIDES = DEFAULT_UPSTREAM_PROTOCOL_OVERRIDES: "";
+    /// Timeout for connecting to an endpoint.
+    BATON_CONNECT_TIMEOUT = DEFAULT_CONNECT_TIMEOUT: "1s";
+    /// Timeout from request to response headers (all retries included).
+    BATON_REQUEST_TIMEOUT = DEFAULT_REQUEST_TIMEOUT: "30s";
+    /// Retries of idempotent, bodiless requests whose connection failed.
+    BATON_RETRIES = DEFAULT_RETRIES: "2";
+    /// Requests in flight before new ones are answered 503.
+    BATON_MAX_IN_FLIGHT = DEFAULT_MAX_IN_FLIGHT: "10000";
+    /// Idle upstream connections are closed after this long.
+    BATON_POOL_IDLE_TIMEOUT = DEFAULT_POOL_IDLE_TIMEOUT: "30s";
+    /// Idle upstream connections kept per endpoint.
+    BATON_POOL_MAX_IDLE = DEFAULT_POOL_MAX_IDLE: "256";
+    /// PeakEWMA: RTT assumed for a new endpoint.
+    BATON_EWMA_DEFAULT_RTT = DEFAULT_EWMA_DEFAULT_RTT: "30ms";
+    /// PeakEWMA: decay time of RTT observations.
+    BATON_EWMA_DECAY = DEFAULT_EWMA_DECAY: "10s";
+    /// A service's balancer unused this long is dropped (rebuilt on next use).
+    BATON_SERVICE_IDLE_TIMEOUT = DEFAULT_SERVICE_IDLE_TIMEOUT: "5m";
+    /// Log filter (tracing env-filter syntax).
+    BATON_LOG = DEFAULT_LOG: "info";
+    /// `plain` or `json`.
+    BATON_LOG_FORMAT = DEFAULT_LOG_FORMAT: "plain";
+    /// Tokio worker threads (default: the number of cores).
+    BATON_WORKERS = DEFAULT_WORKERS: "";
+    /// How long shutdown waits for in-flight requests.
+    BATON_SHUTDOWN_GRACE = DEFAULT_SHUTDOWN_GRACE: "30s";
+}
+
+/// How the inbound listener learns a connection's original destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundMode {
+    /// The listener's own address.
+    Plain,
+    /// An `IP_TRANSPARENT` listener: the accepted socket's local address.
+    Tproxy,
+    /// `SO_ORIGINAL_DST` (iptables/nft REDIRECT).
+    Redirect,
+}
+
+/// Where discovery comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryKind {
+    /// `BATON_STATIC_SERVICES` and `BATON_STATIC_FILE`.
+    Static,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One route: a match and the logical service it selects.
+#[derive(Clone, Debug, Serialize)]
+pub struct RouteConfig {
+    /// What the route matches (as written: `path:/x`, `host:h`, `port:n`, `*`).
+    #[serde(rename = "match", serialize_with = "display")]
+    pub matches: Match,
+    /// The service and its per-service settings.
+    pub logical: Logical,
+}
+
+/// The effective configuration (served at `/config`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    /// Inbound listener address.
+    pub inbound_addr: SocketAddr,
+    /// Inbound listener mode.
+    pub inbound_mode: InboundMode,
+    /// Admin server address.
+    pub admin_addr: SocketAddr,
+    /// Protocol detection timeout.
+    #[serde(serialize_with = "duration")]
+    pub detect_timeout: Duration,
+    /// Ports forwarded as opaque TCP without detection.
+    pub opaque_ports: Vec<u16>,
+    /// Largest HTTP/1 request head.
+    pub max_header_bytes: usize,
+    /// Request head timeout (and keep-alive idle bound).
+    #[serde(serialize_with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Routes, in order.
+    pub routes: Vec<RouteConfig>,
+    /// Discovery source.
+    pub discovery: DiscoveryKind,
+    /// Static services from the environment.
+    pub static_services: ServiceMap,
+    /// Static service file.
+    pub static_file: Option<PathBuf>,
+    /// Static services read from the file at startup (validated with the routes).
+    #[serde(skip)]
+    pub static_file_services: ServiceMap,
+    /// Hash balancing key.
+    #[serde(serialize_with = "display")]
+    pub hash_key: HttpHashKey,
+    /// Connect timeout.
+    #[serde(serialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Request timeout.
+    #[serde(serialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// Connect-failure retries.
+    pub retries: usize,
+    /// Load-shedding bound.
+    pub max_in_flight: usize,
+    /// Upstream pool idle timeout.
+    #[serde(serialize_with = "duration")]
+    pub pool_idle_timeout: Duration,
+    /// Idle upstream connections per endpoint.
+    pub pool_max_idle: usize,
+    /// PeakEWMA default RTT.
+    #[serde(serialize_with = "duration")]
+    pub ewma_default_rtt: Duration,
+    /// PeakEWMA decay.
+    #[serde(serialize_with = "duration")]
+    pub ewma_decay: Duration,
+    /// Balancer idle eviction.
+    #[serde(serialize_with = "duration")]
+    pub service_idle_timeout: Duration,
+    /// Log filter.
+    pub log: String,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Worker threads.
+    pub workers: usize,
+    /// Shutdown grace period.
+    #[serde(serialize_with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+fn duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}
+
+fn display<T: fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// One bad variable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VarError {
+    /// The variable.
+    pub name: &'static str,
+    /// Its value.
+    pub value: String,
+    /// What was expected (or what is wrong).
+    pub expected: String,
+}
+
+/// Every bad variable found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError(pub Vec<VarError>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}={:?}: {}", e.name, e.value, e.expected)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+struct Parser<'a, S> {
+    strings: &'a S,
+    errors: Vec<VarError>,
+}
+
+impl<S: Strings> Parser<'_, S> {
+    fn raw(&self, name: &str) -> Option<String> {
+        self.strings.get(name).filter(|v| !v.trim().is_empty())
+    }
+
+    fn fail(&mut self, name: &'static str, value: &str, expected: impl Into<String>) {
+        self.errors.push(VarError {
+            name,
+            value: value.to_string(),
+            expected: expected.into(),
+        });
+    }
+
+    /// Parses `name` (or `default` when unset) with `parse`; on error, records it and
+    /// returns the parse of the default.
+    fn var<T>(
+        &mut self,
+        name: &'static str,
+        default: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let value = self.raw(name);
+        let text = value.as_deref().unwrap_or(default);
+        match parse(text.trim()) {
+            Ok(v) => Some(v),
+            Err(expected) => {
+                self.fail(name, text, expected);
+                None
+            }
+        }
+    }
+}
+
+fn parse_from<T: FromStr>(expected: &'static str) -> impl Fn(&str) -> Result<T, String> {
+    move |s| s.parse().map_err(|_| expected.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|_| "expected a duration such as 500ms, 10s or 5m".into())
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("expected a duration greater than zero".into()),
+        d => Ok(d),
+    }
+}
+
+fn parse_overrides<T: FromStr>(expected: &'static str) -> impl Fn(&str) -> Result<BTreeMap<String, T>, String> {
+    move |s| {
+        let mut map = BTreeMap::new();
+        for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (service, value) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("expected SERVICE=VALUE,... with VALUE {expected}"))?;
+            let value = value
+                .trim()
+                .parse()
+                .map_err(|_| format!("{:?}: expected {expected}", value.trim()))?;
+            if map.insert(service.trim().to_string(), value).is_some() {
+                return Err(format!("service {:?} is listed twice", service.trim()));
+            }
+        }
+        Ok(map)
+    }
+}
+
+impl Config {
+    /// Parses and validates the configuration from `strings`.
+    pub fn from_strings(strings: &impl Strings) -> Result<Self, ConfigError> {
+        let mut p = Parser {
+            strings,
+            errors: Vec::new(),
+        };
+        let addr = parse_from::<SocketAddr>("expected IP:PORT, e.g. 0.0.0.0:15006");
+        let inbound_addr = p.var(BATON_INBOUND_ADDR, DEFAULT_INBOUND_ADDR, &addr);
+        let inbound_mode = p.var(BATON_INBOUND_MODE, DEFAULT_INBOUND_MODE, |s| match s {
+            "plain" => Ok(InboundMode::Plain),
+            "tproxy" => Ok(InboundMode::Tproxy),
+            "redirect" => Ok(InboundMode::Redirect),
+            _ => Err("expected plain, tproxy or redirect".into()),
+        });
+        let admin_addr = p.var(BATON_ADMIN_ADDR, DEFAULT_ADMIN_ADDR, &addr);
+        let detect_timeout = p.var(BATON_DETECT_TIMEOUT, DEFAULT_DETECT_TIMEOUT, positive_duration);
+        let opaque_ports = p.var(BATON_OPAQUE_PORTS, DEFAULT_OPAQUE_PORTS, |s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    p.parse::<u16>()
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| format!("{p:?}: expected a comma-separated list of ports"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        });
+        let max_header_bytes = p.var(BATON_MAX_HEADER_BYTES, DEFAULT_MAX_HEADER_BYTES, |s| {
+            s.parse::<usize>()
+                .ok()
+                .filter(|n| (8192..=16 << 20).contains(n))
+                .ok_or_else(|| "expected a byte count between 8192 and 16777216".into())
+        });
+        let header_read_timeout =
+            p.var(BATON_HEADER_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, positive_duration);
+        let routes = p.var(BATON_ROUTES, DEFAULT_ROUTES, |s| {
+            route::parse(s).map_err(|e| format!("{e}; expected MATCH=SERVICE;... with MATCH path:/PREFIX, host:NAME, port:N or *"))
+        });
+        let discovery = p.var(BATON_DISCOVERY, DEFAULT_DISCOVERY, |s| match s {
+            "static" => Ok(DiscoveryKind::Static),
+            _ => Err("expected static".into()),
+        });
+        let static_services = p.var(BATON_STATIC_SERVICES, DEFAULT_STATIC_SERVICES, |s| {
+            static_source::parse(s).map_err(|e| format!("{e}; expected NAME=IP:PORT[@HANDOFF_PORT],...;NAME=..."))
+        });
+        let static_file = p.raw(BATON_STATIC_FILE).map(PathBuf::from);
+        let static_file_services = match &static_file {
+            None => ServiceMap::new(),
+            Some(path) => match std::fs::read_to_string(path) {
+                Err(e) => {
+                    p.fail(BATON_STATIC_FILE, &path.display().to_string(), format!("cannot read the file: {e}"));
+                    ServiceMap::new()
+                }
+                Ok(text) => static_source::parse(&text).unwrap_or_else(|e| {
+                    p.fail(BATON_STATIC_FILE, &path.display().to_string(), format!("bad content: {e}"));
+                    ServiceMap::new()
+                }),
+            },
+        };
+        let lb = p.var(BATON_LB, DEFAULT_LB, parse_from::<Lb>("expected p2c, rr or hash"));
+        let lb_overrides = p.var(BATON_LB_OVERRIDES, DEFAULT_LB_OVERRIDES, parse_overrides::<Lb>("p2c, rr or hash"));
+        let hash_key = p.var(BATON_HASH_KEY, DEFAULT_HASH_KEY, parse_from::<HttpHashKey>("expected path or header:NAME"));
+        let upstream = p.var(
+            BATON_UPSTREAM_PROTOCOL,
+            DEFAULT_UPSTREAM_PROTOCOL,
+            parse_from::<UpstreamProtocol>("expected auto, http1 or http2"),
+        );
+        let upstream_overrides = p.var(
+            BATON_UPSTREAM_PROTOCOL_OVERRIDES,
+            DEFAULT_UPSTREAM_PROTOCOL_OVERRIDES,
+            parse_overrides::<UpstreamProtocol>("auto, http1 or http2"),
+        );
+        let connect_timeout = p.var(BATON_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, positive_duration);
+        let request_timeout = p.var(BATON_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, positive_duration);
+        let retries = p.var(BATON_RETRIES, DEFAULT_RETRIES, |s| {
+            s.parse::<usize>()
+                .ok()
+                .filter(|n| *n <= 10)
+                .ok_or_else(|| "expected a number from 0 to 10".into())
+        });
+        let positive = |s: &str| {
+            s.parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| "expected a positive integer".to_string())
+        };
+        let max_in_flight = p.var(BATON_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT, positive);
+        let pool_idle_timeout = p.var(BATON_POOL_IDLE_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT, positive_duration);
+        let pool_max_idle = p.var(BATON_POOL_MAX_IDLE, DEFAULT_POOL_MAX_IDLE, |s| {
+            s.parse::<usize>().map_err(|_| "expected a non-negative integer".to_string())
+        });
+        let ewma_default_rtt = p.var(BATON_EWMA_DEFAULT_RTT, DEFAULT_EWMA_DEFAULT_RTT, positive_duration);
+        let ewma_decay = p.var(BATON_EWMA_DECAY, DEFAULT_EWMA_DECAY, positive_duration);
+        let service_idle_timeout =
+            p.var(BATON_SERVICE_IDLE_TIMEOUT, DEFAULT_SERVICE_IDLE_TIMEOUT, positive_duration);
+        let log = p.var(BATON_LOG, DEFAULT_LOG, |s| {
+            tracing_subscriber::EnvFilter::try_new(s)
+                .map(|_| s.to_string())
+                .map_err(|e| format!("expected a tracing filter such as info or baton=debug,info ({e})"))
+        });
+        let log_format = p.var(BATON_LOG_FORMAT, DEFAULT_LOG_FORMAT, |s| match s {
+            "plain" => Ok(LogFormat::Plain),
+            "json" => Ok(LogFormat::Json),
+            _ => Err("expected plain or json".into()),
+        });
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = p.var(BATON_WORKERS, &cores.to_string(), |s| {
+            s.parse::<usize>()
+                .ok()
+                .filter(|n| (1..=1024).contains(n))
+                .ok_or_else(|| "expected a number of threads from 1 to 1024".into())
+        });
+        let shutdown_grace = p.var(BATON_SHUTDOWN_GRACE, DEFAULT_SHUTDOWN_GRACE, parse_duration);
+
+        // Cross-variable checks, only when the parts themselves parsed.
+        let mut route_configs = Vec::new();
+        if let (Some(routes), Some(lb), Some(lbo), Some(up), Some(upo)) =
+            (&routes, lb, &lb_overrides, upstream, &upstream_overrides)
+        {
+            let routed = |name: &str| routes.iter().any(|(_, s)| s == name);
+            for service in lbo.keys().filter(|s| !routed(s)) {
+                let value = p.raw(BATON_LB_OVERRIDES).unwrap_or_default();
+                p.fail(BATON_LB_OVERRIDES, &value, format!("service {service:?} is not routed by BATON_ROUTES"));
+            }
+            for service in upo.keys().filter(|s| !routed(s)) {
+                let value = p.raw(BATON_UPSTREAM_PROTOCOL_OVERRIDES).unwrap_or_default();
+                p.fail(
+                    BATON_UPSTREAM_PROTOCOL_OVERRIDES,
+                    &value,
+                    format!("service {service:?} is not routed by BATON_ROUTES"),
+                );
+            }
+            let mut names: HashMap<&str, Arc<str>> = HashMap::new();
+            for (matches, service) in routes {
+                let name = names.entry(service).or_insert_with(|| service.as_str().into()).clone();
+                route_configs.push(RouteConfig {
+                    matches: matches.clone(),
+                    logical: Logical {
+                        service: name,
+                        protocol: Protocol::Http,
+                        lb: lbo.get(service).copied().unwrap_or(lb),
+                        upstream: upo.get(service).copied().unwrap_or(up),
+                    },
+                });
+            }
+        }
+        if let (Some(DiscoveryKind::Static), Some(routes), Some(services)) = (discovery, &routes, &static_services) {
+            let mut missing: Vec<&str> = routes
+                .iter()
+                .map(|(_, s)| s.as_str())
+                .filter(|s| !services.contains_key(*s) && !static_file_services.contains_key(*s))
+                .collect();
+            missing.dedup();
+            if !missing.is_empty() {
+                let value = p.raw(BATON_ROUTES).unwrap_or_default();
+                p.fail(
+                    BATON_ROUTES,
+                    &value,
+                    format!(
+                        "routes to {} not defined by BATON_STATIC_SERVICES or BATON_STATIC_FILE (define it, with no endpoints if need be: NAME=)",
+                        missing.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+        }
+
+        if !p.errors.is_empty() {
+            return Err(ConfigError(p.errors));
+        }
+        // Every `None` above recorded an error, so all are `Some` here.
+        let missing = || ConfigError(Vec::new());
+        Ok(Config {
+            inbound_addr: inbound_addr.ok_or_else(missing)?,
+            inbound_mode: inbound_mode.ok_or_else(missing)?,
+            admin_addr: admin_addr.ok_or_else(missing)?,
+            detect_timeout: detect_timeout.ok_or_else(missing)?,
+            opaque_ports: opaque_ports.ok_or_else(missing)?,
+            max_header_bytes: max_header_bytes.ok_or_else(missing)?,
+            header_read_timeout: header_read_timeout.ok_or_else(missing)?,
+            routes: route_configs,
+            discovery: discovery.ok_or_else(missing)?,
+            static_services: static_services.ok_or_else(missing)?,
+            static_file,
+            static_file_services,
+            hash_key: hash_key.ok_or_else(missing)?,
+            connect_timeout: connect_timeout.ok_or_else(missing)?,
+            request_timeout: request_timeout.ok_or_else(missing)?,
+            retries: retries.ok_or_else(missing)?,
+            max_in_flight: max_in_flight.ok_or_else(missing)?,
+            pool_idle_timeout: pool_idle_timeout.ok_or_else(missing)?,
+            pool_max_idle: pool_max_idle.ok_or_else(missing)?,
+            ewma_default_rtt: ewma_default_rtt.ok_or_else(missing)?,
+            ewma_decay: ewma_decay.ok_or_else(missing)?,
+            service_idle_timeout: service_idle_timeout.ok_or_else(missing)?,
+            log: log.ok_or_else(missing)?,
+            log_format: log_format.ok_or_else(missing)?,
+            workers: workers.ok_or_else(missing)?,
+            shutdown_grace: shutdown_grace.ok_or_else(missing)?,
+        })
+    }
+
+    /// The distinct logical services the routes select.
+    pub fn routed_services(&self) -> Vec<Arc<str>> {
+        let mut names: Vec<Arc<str>> = self.routes.iter().map(|r| r.logical.service.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The effective configuration as JSON (served at `/config`). Nothing secret is
+    /// configured through `BATON_*` variables yet; secrets added later are redacted
+    /// here.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<&str, &str> = vars.iter().copied().collect();
+        Config::from_strings(&map)
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.inbound_addr, DEFAULT_INBOUND_ADDR.parse().unwrap());
+        assert_eq!(c.inbound_mode, InboundMode::Plain);
+        assert_eq!(c.detect_timeout, Duration::from_secs(10));
+        assert_eq!(c.retries, 2);
+        assert!(c.routes.is_empty());
+        assert!(c.workers >= 1);
+    }
+
+    #[test]
+    fn routes_carry_per_service_settings() {
+        let c = parse(&[
+            (BATON_ROUTES, "path:/objects=objects;*=web"),
+            (BATON_STATIC_SERVICES, "web=127.0.0.1:1;objects=127.0.0.1:2"),
+            (BATON_LB, "rr"),
+            (BATON_LB_OVERRIDES, "objects=hash"),
+            (BATON_UPSTREAM_PROTOCOL_OVERRIDES, "web=http2"),
+        ])
+        .unwrap();
+        assert_eq!(c.routes.len(), 2);
+        assert_eq!(c.routes[0].logical.lb, Lb::Hash);
+        assert_eq!(c.routes[1].logical.lb, Lb::Rr);
+        assert_eq!(c.routes[1].logical.upstream, UpstreamProtocol::Http2);
+        assert_eq!(c.routed_services().len(), 2);
+        let json = c.to_json();
+        assert_eq!(json["routes"][0]["match"], "path:/objects");
+        assert_eq!(json["request_timeout"], "30s");
+    }
+
+    #[test]
+    fn every_bad_variable_is_reported_by_name() {
+        let err = parse(&[
+            (BATON_INBOUND_ADDR, "nonsense"),
+            (BATON_LB, "random"),
+            (BATON_DETECT_TIMEOUT, "5"),
+            (BATON_WORKERS, "0"),
+            (BATON_ROUTES, "bogus"),
+        ])
+        .unwrap_err();
+        let names: Vec<_> = err.0.iter().map(|e| e.name).collect();
+        assert_eq!(names, [BATON_INBOUND_ADDR, BATON_DETECT_TIMEOUT, BATON_ROUTES, BATON_LB, BATON_WORKERS]);
+        let text = err.to_string();
+        assert!(text.contains("BATON_LB=\"random\": expected p2c, rr or hash"), "{text}");
+        assert!(text.contains("BATON_INBOUND_ADDR=\"nonsense\": expected IP:PORT"), "{text}");
+    }
+
+    #[test]
+    fn routes_to_undefined_services_are_rejected() {
+        let err = parse(&[(BATON_ROUTES, "*=web")]).unwrap_err();
+        assert_eq!(err.0[0].name, BATON_ROUTES);
+        assert!(err.0[0].expected.contains("\"web\""));
+        let err = parse(&[
+            (BATON_ROUTES, "*=web"),
+            (BATON_STATIC_SERVICES, "web="),
+            (BATON_LB_OVERRIDES, "other=rr"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.0[0].name, BATON_LB_OVERRIDES);
+    }
+
+    #[test]
+    fn empty_values_mean_default() {
+        let c = parse(&[(BATON_LB, ""), (BATON_LOG, " ")]).unwrap();
+        assert_eq!(c.log, "info");
+    }
+}

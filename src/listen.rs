@@ -1,0 +1,92 @@
+//! Listeners: binding in each inbound mode, learning original destinations, accepting.
+
+use crate::{config::InboundMode, serve::Server};
+use baton_layers::target::Accept;
+use socket2::{Domain, SockRef, Socket, Type};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+/// Listen backlog (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: i32 = 4096;
+
+/// Binds a listener on `addr` for `mode`. In `tproxy` mode the socket is
+/// `IP_TRANSPARENT` (needs CAP_NET_ADMIN), so it accepts connections addressed to any
+/// IP that the TPROXY rules send to it.
+pub fn bind(addr: SocketAddr, mode: InboundMode) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if mode == InboundMode::Tproxy {
+        if addr.is_ipv4() {
+            socket.set_ip_transparent_v4(true)?;
+        } else {
+            socket.set_ip_transparent_v6(true)?;
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Binds a plain listener (the admin server).
+pub fn bind_plain(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind(addr, InboundMode::Plain)
+}
+
+/// The destination the client meant to reach.
+pub fn original_dst(stream: &TcpStream, mode: InboundMode) -> io::Result<SocketAddr> {
+    match mode {
+        // TPROXY keeps the original destination as the socket's local address.
+        InboundMode::Plain | InboundMode::Tproxy => stream.local_addr(),
+        // REDIRECT rewrote it; conntrack remembers it.
+        InboundMode::Redirect => {
+            let sock = SockRef::from(stream);
+            let local = stream.local_addr()?;
+            let dst = if local.is_ipv4() {
+                sock.original_dst_v4()?
+            } else {
+                sock.original_dst_v6()?
+            };
+            dst.as_socket()
+                .ok_or_else(|| io::Error::other("SO_ORIGINAL_DST returned a non-IP address"))
+        }
+    }
+}
+
+/// Accepts connections until `drain` fires, serving each on its own task.
+pub async fn accept_loop(
+    listener: TcpListener,
+    mode: InboundMode,
+    server: Arc<Server>,
+    mut drain: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = drain.changed() => break,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                let orig_dst = match original_dst(&stream, mode) {
+                    Ok(dst) => dst,
+                    Err(error) => {
+                        tracing::warn!(%client, %error, "no original destination; closing");
+                        continue;
+                    }
+                };
+                let accept = Accept { client, orig_dst };
+                tokio::spawn(server.clone().serve(stream, accept, drain.clone()));
+            }
+            Err(error) => {
+                // EMFILE/ENFILE/ENOBUFS: the process is out of something; accepting
+                // again at once would spin. Back off briefly.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::info!("stopped accepting");
+}

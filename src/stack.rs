@@ -1,0 +1,246 @@
+//! Assembling the stacks: one function per level, outermost first, each saying why
+//! its layers sit where they do.
+//!
+//! ```text
+//! HTTP request (per connection: ClientInfo attached, see serve.rs)
+//!   InFlightLimit        shed first: an overloaded proxy must not route or queue
+//!   Router               path/host/port -> Logical, 404 here
+//!   NewCache<Logical>    one logical stack per service, shared, evicted when idle
+//!     ErrorResponse      every failure below becomes a status + one-line body
+//!     RequestMetrics     counts what the client gets, including baton's own errors
+//!     Timeout            one deadline for the request, retries included
+//!     Retry              connect failures only; re-enters the balancer
+//!     Buffer             shares the single-owner balancer between connections
+//!     Balancer           p2c | rr | hash over discovery; fails fast with no endpoints
+//!       endpoint         Count (balancer choices) -> HttpProxy (the terminal seam)
+//!
+//! Opaque connection: route by port -> NewCache<Logical> -> Retry -> Buffer ->
+//!   Balancer over TcpConnect -> splice
+//! ```
+
+use crate::config::Config;
+use baton_discovery::{Registry, Resolution};
+use baton_layers::{
+    balance::{EwmaConfig, HashKey, NewBalance},
+    body::Body,
+    cache::NewCache,
+    errors::ErrorResponseLayer,
+    limit::{InFlightLimit, InFlightLimitLayer},
+    metrics::{Count, Metrics, RequestMetricsLayer},
+    new_service::{ArcNewService, NewService, NewServiceFn},
+    proxy::{
+        connect::ConnectConfig,
+        http::{ClientConfig, NewHttpProxy},
+        tcp::{ClientIpKey, NewTcpConnect, OpaqueRequest},
+    },
+    retry::ConnectRetry,
+    route::{Router, Routes},
+    target::{Endpoint, Logical, Protocol},
+    Error,
+};
+use futures_util::TryStreamExt;
+use http::{Request, Response};
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tower::{
+    buffer::Buffer, discover::Change, retry::RetryLayer, util::BoxCloneSyncService, Layer,
+    Service, ServiceBuilder,
+};
+
+/// A logical HTTP stack, type-erased at the cache boundary.
+pub type BoxHttp = BoxCloneSyncService<Request<Body>, Response<Body>, Error>;
+/// A logical opaque stack: a connection to the chosen endpoint.
+pub type BoxOpaque = BoxCloneSyncService<OpaqueRequest, TcpStream, Error>;
+/// A cache of logical stacks.
+pub type LogicalCache<S> = NewCache<Logical, ArcNewService<Logical, S>>;
+/// The whole HTTP request stack.
+pub type HttpStack = InFlightLimit<Router<Logical, LogicalCache<BoxHttp>>>;
+
+/// The stacks a connection is served with.
+#[derive(Clone)]
+pub struct Stacks {
+    /// HTTP requests.
+    pub http: HttpStack,
+    /// Opaque connection routes (the HTTP routes' `port:` and `*` entries).
+    pub opaque_routes: Routes<Logical>,
+    /// Opaque logical stacks.
+    pub opaque: LogicalCache<BoxOpaque>,
+}
+
+/// Builds the production stacks (HTTP and opaque, proxying to endpoints).
+pub fn build(cfg: &Config, registry: &Registry, metrics: &Metrics) -> Stacks {
+    let connect = Arc::new(ConnectConfig {
+        timeout: cfg.connect_timeout,
+        ..ConnectConfig::default()
+    });
+    let http_endpoint = http_endpoint(
+        ClientConfig {
+            connect: connect.clone(),
+            pool_idle_timeout: cfg.pool_idle_timeout,
+            pool_max_idle: cfg.pool_max_idle,
+        },
+        metrics,
+    );
+    Stacks {
+        http: http(cfg, registry, metrics, http_endpoint),
+        opaque_routes: opaque_routes(cfg),
+        opaque: opaque(cfg, registry, metrics, connect),
+    }
+}
+
+/// The endpoint level of HTTP: count the balancer's choice, then the terminal. The
+/// handoff terminal (handoff-or-proxy) replaces `NewHttpProxy` here.
+fn http_endpoint(
+    client: ClientConfig,
+    metrics: &Metrics,
+) -> impl NewService<
+    Endpoint,
+    Service = Count<baton_layers::proxy::http::HttpProxy>,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    let proxy = NewHttpProxy::new(client);
+    let metrics = metrics.clone();
+    NewServiceFn::new(move |ep: Endpoint| {
+        let choices = metrics.choices(&ep.logical.service, ep.addr.to_string());
+        Count::new(proxy.new_service(ep), choices)
+    })
+}
+
+/// The HTTP request stack over the endpoint stack `endpoint` (the benchmarks pass a
+/// stand-in terminal to measure the stack alone).
+pub fn http<N>(cfg: &Config, registry: &Registry, metrics: &Metrics, endpoint: N) -> HttpStack
+where
+    N: NewService<Endpoint> + Clone + Send + Sync + 'static,
+    N::Service: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+    <N::Service as Service<Request<Body>>>::Error: Into<Error>,
+    <N::Service as Service<Request<Body>>>::Future: Send + 'static,
+{
+    let logical = http_logical(cfg, registry, metrics, endpoint);
+    let cache = NewCache::new(logical, cfg.service_idle_timeout);
+    let routes = Routes::new(
+        cfg.routes
+            .iter()
+            .map(|r| (r.matches.clone(), r.logical.clone()))
+            .collect(),
+    );
+    let global = metrics.global();
+    InFlightLimitLayer::new(cfg.max_in_flight, global.in_flight.clone(), global.shed.clone())
+        .layer(Router::new(routes, cache).on_unrouted(global.unrouted.clone()))
+}
+
+/// One logical HTTP service: answers for every failure, metrics, the deadline, retries,
+/// and the shared balancer.
+fn http_logical<N>(
+    cfg: &Config,
+    registry: &Registry,
+    metrics: &Metrics,
+    endpoint: N,
+) -> ArcNewService<Logical, BoxHttp>
+where
+    N: NewService<Endpoint> + Clone + Send + Sync + 'static,
+    N::Service: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+    <N::Service as Service<Request<Body>>>::Error: Into<Error>,
+    <N::Service as Service<Request<Body>>>::Future: Send + 'static,
+{
+    let balance = new_balance(cfg, registry, endpoint, cfg.hash_key.clone());
+    let (metrics, timeout, retries, capacity) =
+        (metrics.clone(), cfg.request_timeout, cfg.retries, cfg.max_in_flight);
+    ArcNewService::new(NewServiceFn::new(move |logical: Logical| {
+        let balancer = Buffer::new(balance.new_service(logical.clone()), capacity);
+        BoxHttp::new(
+            ServiceBuilder::new()
+                .layer(ErrorResponseLayer::new(logical.service.clone()))
+                .layer(RequestMetricsLayer::new(metrics.service(&logical.service)))
+                .timeout(timeout)
+                .layer(RetryLayer::new(ConnectRetry::new(retries)))
+                .service(balancer),
+        )
+    }))
+}
+
+/// Routes for opaque connections: the same table, selecting opaque logical services.
+fn opaque_routes(cfg: &Config) -> Routes<Logical> {
+    Routes::new(
+        cfg.routes
+            .iter()
+            .map(|r| {
+                let logical = Logical {
+                    protocol: Protocol::Opaque,
+                    ..r.logical.clone()
+                };
+                (r.matches.clone(), logical)
+            })
+            .collect(),
+    )
+}
+
+/// One logical opaque service: retries of failed connects over the shared balancer.
+fn opaque(
+    cfg: &Config,
+    registry: &Registry,
+    metrics: &Metrics,
+    connect: Arc<ConnectConfig>,
+) -> LogicalCache<BoxOpaque> {
+    let tcp = NewTcpConnect::new(connect);
+    let metrics = metrics.clone();
+    let endpoint = NewServiceFn::new(move |ep: Endpoint| {
+        let choices = metrics.choices(&ep.logical.service, ep.addr.to_string());
+        Count::new(tcp.new_service(ep), choices)
+    });
+    let balance = new_balance(cfg, registry, endpoint, ClientIpKey);
+    let (retries, capacity) = (cfg.retries, cfg.max_in_flight);
+    let logical = ArcNewService::new(NewServiceFn::new(move |logical: Logical| {
+        let balancer = Buffer::new(balance.new_service(logical), capacity);
+        BoxOpaque::new(
+            ServiceBuilder::new()
+                .layer(RetryLayer::new(ConnectRetry::new(retries)))
+                .service(balancer),
+        )
+    }));
+    NewCache::new(logical, cfg.service_idle_timeout)
+}
+
+/// A balancer factory resolving services in `registry`.
+fn new_balance<N, K, Req>(
+    cfg: &Config,
+    registry: &Registry,
+    endpoint: N,
+    key: K,
+) -> NewBalance<impl Fn(&Logical) -> Endpoints + Clone, N, K, Req>
+where
+    K: HashKey<Req>,
+{
+    let registry = registry.clone();
+    let resolve = move |logical: &Logical| endpoints(&registry, logical);
+    let ewma = EwmaConfig {
+        default_rtt: cfg.ewma_default_rtt,
+        decay: cfg.ewma_decay,
+    };
+    NewBalance::new(resolve, endpoint, key, ewma)
+}
+
+/// The discovery stream of a logical service's endpoints.
+pub type Endpoints = futures_util::stream::MapOk<
+    Resolution,
+    Box<dyn FnMut(Change<Arc<str>, baton_discovery::Instance>) -> Change<Arc<str>, Endpoint> + Send + Sync>,
+>;
+
+/// Resolves `logical` in `registry`, as endpoint targets.
+pub fn endpoints(registry: &Registry, logical: &Logical) -> Endpoints {
+    let logical = logical.clone();
+    registry.resolve(&logical.service).map_ok(Box::new(move |change| match change {
+        Change::Insert(id, i) => Change::Insert(
+            id.clone(),
+            Endpoint {
+                logical: logical.clone(),
+                id,
+                addr: i.addr,
+                handoff_port: i.handoff_port,
+                weight: i.weight,
+            },
+        ),
+        Change::Remove(id) => Change::Remove(id),
+    }))
+}
