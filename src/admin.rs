@@ -71,16 +71,40 @@ impl Admin {
             u8::from(self.readiness().is_ok()),
         );
         metrics::header(&mut out, "baton_build_info", "Build information.", "gauge");
-        let _ = writeln!(out, "baton_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        let _ = writeln!(
+            out,
+            "baton_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
         self.metrics.render(&mut out);
         let states = self.registry.states();
-        metrics::header(&mut out, "baton_endpoints", "Endpoints discovered per service.", "gauge");
+        metrics::header(
+            &mut out,
+            "baton_endpoints",
+            "Endpoints discovered per service.",
+            "gauge",
+        );
         for s in &states {
-            let _ = writeln!(out, "baton_endpoints{{service=\"{}\"}} {}", metrics::escape(&s.name), s.instances);
+            let _ = writeln!(
+                out,
+                "baton_endpoints{{service=\"{}\"}} {}",
+                metrics::escape(&s.name),
+                s.instances
+            );
         }
-        metrics::header(&mut out, "baton_discovery_resolved", "1 once a service has had its first discovery update.", "gauge");
+        metrics::header(
+            &mut out,
+            "baton_discovery_resolved",
+            "1 once a service has had its first discovery update.",
+            "gauge",
+        );
         for s in &states {
-            let _ = writeln!(out, "baton_discovery_resolved{{service=\"{}\"}} {}", metrics::escape(&s.name), u8::from(s.resolved));
+            let _ = writeln!(
+                out,
+                "baton_discovery_resolved{{service=\"{}\"}} {}",
+                metrics::escape(&s.name),
+                u8::from(s.resolved)
+            );
         }
         metrics::header(
             &mut out,
@@ -112,7 +136,10 @@ impl Admin {
             "/live" => text(StatusCode::OK, "live\n".into()),
             "/ready" => match self.readiness() {
                 Ok(()) => text(StatusCode::OK, "ready\n".into()),
-                Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                Err(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
             },
             "/metrics" => {
                 let mut rsp = text(StatusCode::OK, self.render_metrics());
@@ -130,7 +157,10 @@ impl Admin {
                 );
                 rsp
             }
-            _ => text(StatusCode::NOT_FOUND, "not found: try /live, /ready, /metrics, /config\n".into()),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /live, /ready, /metrics, /config\n".into(),
+            ),
         }
     }
 }

@@ -61,7 +61,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics,
     ));
     let (drain, drain_rx) = watch::channel(false);
-    let accept = tokio::spawn(listen::accept_loop(listener, config.inbound_mode, server, drain_rx));
+    let accept = tokio::spawn(listen::accept_loop(
+        listener,
+        config.inbound_mode,
+        server,
+        drain_rx,
+    ));
     state.listening.store(true, Ordering::Release);
     tracing::info!(inbound = %inbound_addr, admin = %admin_addr, mode = ?config.inbound_mode, "listening");
 

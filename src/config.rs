@@ -333,7 +333,9 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-fn parse_overrides<T: FromStr>(expected: &'static str) -> impl Fn(&str) -> Result<BTreeMap<String, T>, String> {
+fn parse_overrides<T: FromStr>(
+    expected: &'static str,
+) -> impl Fn(&str) -> Result<BTreeMap<String, T>, String> {
     move |s| {
         let mut map = BTreeMap::new();
         for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
@@ -368,7 +370,11 @@ impl Config {
             _ => Err("expected plain, tproxy or redirect".into()),
         });
         let admin_addr = p.var(BATON_ADMIN_ADDR, DEFAULT_ADMIN_ADDR, &addr);
-        let detect_timeout = p.var(BATON_DETECT_TIMEOUT, DEFAULT_DETECT_TIMEOUT, positive_duration);
+        let detect_timeout = p.var(
+            BATON_DETECT_TIMEOUT,
+            DEFAULT_DETECT_TIMEOUT,
+            positive_duration,
+        );
         let opaque_ports = p.var(BATON_OPAQUE_PORTS, DEFAULT_OPAQUE_PORTS, |s| {
             s.split(',')
                 .map(str::trim)
@@ -387,8 +393,11 @@ impl Config {
                 .filter(|n| (8192..=16 << 20).contains(n))
                 .ok_or_else(|| "expected a byte count between 8192 and 16777216".into())
         });
-        let header_read_timeout =
-            p.var(BATON_HEADER_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, positive_duration);
+        let header_read_timeout = p.var(
+            BATON_HEADER_READ_TIMEOUT,
+            DEFAULT_HEADER_READ_TIMEOUT,
+            positive_duration,
+        );
         let routes = p.var(BATON_ROUTES, DEFAULT_ROUTES, |s| {
             route::parse(s).map_err(|e| format!("{e}; expected MATCH=SERVICE;... with MATCH path:/PREFIX, host:NAME, port:N or *"))
         });
@@ -397,25 +406,46 @@ impl Config {
             _ => Err("expected static".into()),
         });
         let static_services = p.var(BATON_STATIC_SERVICES, DEFAULT_STATIC_SERVICES, |s| {
-            static_source::parse(s).map_err(|e| format!("{e}; expected NAME=IP:PORT[@HANDOFF_PORT],...;NAME=..."))
+            static_source::parse(s)
+                .map_err(|e| format!("{e}; expected NAME=IP:PORT[@HANDOFF_PORT],...;NAME=..."))
         });
         let static_file = p.raw(BATON_STATIC_FILE).map(PathBuf::from);
         let static_file_services = match &static_file {
             None => ServiceMap::new(),
             Some(path) => match std::fs::read_to_string(path) {
                 Err(e) => {
-                    p.fail(BATON_STATIC_FILE, &path.display().to_string(), format!("cannot read the file: {e}"));
+                    p.fail(
+                        BATON_STATIC_FILE,
+                        &path.display().to_string(),
+                        format!("cannot read the file: {e}"),
+                    );
                     ServiceMap::new()
                 }
                 Ok(text) => static_source::parse(&text).unwrap_or_else(|e| {
-                    p.fail(BATON_STATIC_FILE, &path.display().to_string(), format!("bad content: {e}"));
+                    p.fail(
+                        BATON_STATIC_FILE,
+                        &path.display().to_string(),
+                        format!("bad content: {e}"),
+                    );
                     ServiceMap::new()
                 }),
             },
         };
-        let lb = p.var(BATON_LB, DEFAULT_LB, parse_from::<Lb>("expected p2c, rr or hash"));
-        let lb_overrides = p.var(BATON_LB_OVERRIDES, DEFAULT_LB_OVERRIDES, parse_overrides::<Lb>("p2c, rr or hash"));
-        let hash_key = p.var(BATON_HASH_KEY, DEFAULT_HASH_KEY, parse_from::<HttpHashKey>("expected path or header:NAME"));
+        let lb = p.var(
+            BATON_LB,
+            DEFAULT_LB,
+            parse_from::<Lb>("expected p2c, rr or hash"),
+        );
+        let lb_overrides = p.var(
+            BATON_LB_OVERRIDES,
+            DEFAULT_LB_OVERRIDES,
+            parse_overrides::<Lb>("p2c, rr or hash"),
+        );
+        let hash_key = p.var(
+            BATON_HASH_KEY,
+            DEFAULT_HASH_KEY,
+            parse_from::<HttpHashKey>("expected path or header:NAME"),
+        );
         let upstream = p.var(
             BATON_UPSTREAM_PROTOCOL,
             DEFAULT_UPSTREAM_PROTOCOL,
@@ -426,8 +456,16 @@ impl Config {
             DEFAULT_UPSTREAM_PROTOCOL_OVERRIDES,
             parse_overrides::<UpstreamProtocol>("auto, http1 or http2"),
         );
-        let connect_timeout = p.var(BATON_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, positive_duration);
-        let request_timeout = p.var(BATON_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, positive_duration);
+        let connect_timeout = p.var(
+            BATON_CONNECT_TIMEOUT,
+            DEFAULT_CONNECT_TIMEOUT,
+            positive_duration,
+        );
+        let request_timeout = p.var(
+            BATON_REQUEST_TIMEOUT,
+            DEFAULT_REQUEST_TIMEOUT,
+            positive_duration,
+        );
         let retries = p.var(BATON_RETRIES, DEFAULT_RETRIES, |s| {
             s.parse::<usize>()
                 .ok()
@@ -441,18 +479,32 @@ impl Config {
                 .ok_or_else(|| "expected a positive integer".to_string())
         };
         let max_in_flight = p.var(BATON_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT, positive);
-        let pool_idle_timeout = p.var(BATON_POOL_IDLE_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT, positive_duration);
+        let pool_idle_timeout = p.var(
+            BATON_POOL_IDLE_TIMEOUT,
+            DEFAULT_POOL_IDLE_TIMEOUT,
+            positive_duration,
+        );
         let pool_max_idle = p.var(BATON_POOL_MAX_IDLE, DEFAULT_POOL_MAX_IDLE, |s| {
-            s.parse::<usize>().map_err(|_| "expected a non-negative integer".to_string())
+            s.parse::<usize>()
+                .map_err(|_| "expected a non-negative integer".to_string())
         });
-        let ewma_default_rtt = p.var(BATON_EWMA_DEFAULT_RTT, DEFAULT_EWMA_DEFAULT_RTT, positive_duration);
+        let ewma_default_rtt = p.var(
+            BATON_EWMA_DEFAULT_RTT,
+            DEFAULT_EWMA_DEFAULT_RTT,
+            positive_duration,
+        );
         let ewma_decay = p.var(BATON_EWMA_DECAY, DEFAULT_EWMA_DECAY, positive_duration);
-        let service_idle_timeout =
-            p.var(BATON_SERVICE_IDLE_TIMEOUT, DEFAULT_SERVICE_IDLE_TIMEOUT, positive_duration);
+        let service_idle_timeout = p.var(
+            BATON_SERVICE_IDLE_TIMEOUT,
+            DEFAULT_SERVICE_IDLE_TIMEOUT,
+            positive_duration,
+        );
         let log = p.var(BATON_LOG, DEFAULT_LOG, |s| {
             tracing_subscriber::EnvFilter::try_new(s)
                 .map(|_| s.to_string())
-                .map_err(|e| format!("expected a tracing filter such as info or baton=debug,info ({e})"))
+                .map_err(|e| {
+                    format!("expected a tracing filter such as info or baton=debug,info ({e})")
+                })
         });
         let log_format = p.var(BATON_LOG_FORMAT, DEFAULT_LOG_FORMAT, |s| match s {
             "plain" => Ok(LogFormat::Plain),
@@ -476,7 +528,11 @@ impl Config {
             let routed = |name: &str| routes.iter().any(|(_, s)| s == name);
             for service in lbo.keys().filter(|s| !routed(s)) {
                 let value = p.raw(BATON_LB_OVERRIDES).unwrap_or_default();
-                p.fail(BATON_LB_OVERRIDES, &value, format!("service {service:?} is not routed by BATON_ROUTES"));
+                p.fail(
+                    BATON_LB_OVERRIDES,
+                    &value,
+                    format!("service {service:?} is not routed by BATON_ROUTES"),
+                );
             }
             for service in upo.keys().filter(|s| !routed(s)) {
                 let value = p.raw(BATON_UPSTREAM_PROTOCOL_OVERRIDES).unwrap_or_default();
@@ -488,7 +544,10 @@ impl Config {
             }
             let mut names: HashMap<&str, Arc<str>> = HashMap::new();
             for (matches, service) in routes {
-                let name = names.entry(service).or_insert_with(|| service.as_str().into()).clone();
+                let name = names
+                    .entry(service)
+                    .or_insert_with(|| service.as_str().into())
+                    .clone();
                 route_configs.push(RouteConfig {
                     matches: matches.clone(),
                     logical: Logical {
@@ -500,7 +559,9 @@ impl Config {
                 });
             }
         }
-        if let (Some(DiscoveryKind::Static), Some(routes), Some(services)) = (discovery, &routes, &static_services) {
+        if let (Some(DiscoveryKind::Static), Some(routes), Some(services)) =
+            (discovery, &routes, &static_services)
+        {
             let mut missing: Vec<&str> = routes
                 .iter()
                 .map(|(_, s)| s.as_str())
@@ -557,7 +618,11 @@ impl Config {
 
     /// The distinct logical services the routes select.
     pub fn routed_services(&self) -> Vec<Arc<str>> {
-        let mut names: Vec<Arc<str>> = self.routes.iter().map(|r| r.logical.service.clone()).collect();
+        let mut names: Vec<Arc<str>> = self
+            .routes
+            .iter()
+            .map(|r| r.logical.service.clone())
+            .collect();
         names.sort();
         names.dedup();
         names
@@ -622,10 +687,25 @@ mod tests {
         ])
         .unwrap_err();
         let names: Vec<_> = err.0.iter().map(|e| e.name).collect();
-        assert_eq!(names, [BATON_INBOUND_ADDR, BATON_DETECT_TIMEOUT, BATON_ROUTES, BATON_LB, BATON_WORKERS]);
+        assert_eq!(
+            names,
+            [
+                BATON_INBOUND_ADDR,
+                BATON_DETECT_TIMEOUT,
+                BATON_ROUTES,
+                BATON_LB,
+                BATON_WORKERS
+            ]
+        );
         let text = err.to_string();
-        assert!(text.contains("BATON_LB=\"random\": expected p2c, rr or hash"), "{text}");
-        assert!(text.contains("BATON_INBOUND_ADDR=\"nonsense\": expected IP:PORT"), "{text}");
+        assert!(
+            text.contains("BATON_LB=\"random\": expected p2c, rr or hash"),
+            "{text}"
+        );
+        assert!(
+            text.contains("BATON_INBOUND_ADDR=\"nonsense\": expected IP:PORT"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -640,6 +720,23 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.0[0].name, BATON_LB_OVERRIDES);
+    }
+
+    #[test]
+    fn readme_documents_every_variable_with_its_default() {
+        let readme = include_str!("../README.md");
+        for (name, default) in ALL {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{name}` |")))
+                .unwrap_or_else(|| panic!("README has no row for {name}"));
+            if !default.is_empty() {
+                assert!(
+                    row.contains(&format!("| `{default}` |")),
+                    "README row for {name} lacks its default {default:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -35,7 +35,10 @@ pub fn defaults(addrs: &[SocketAddr]) -> impl Strings {
         (config::BATON_INBOUND_ADDR, "127.0.0.1:15006".to_string()),
         (config::BATON_ADMIN_ADDR, "127.0.0.1:15021".to_string()),
         (config::BATON_ROUTES, "*=demo".to_string()),
-        (config::BATON_STATIC_SERVICES, format!("demo={}", endpoints.join(","))),
+        (
+            config::BATON_STATIC_SERVICES,
+            format!("demo={}", endpoints.join(",")),
+        ),
         (config::BATON_LB, "rr".to_string()),
     ]
     .into_iter()
@@ -68,9 +71,22 @@ pub async fn serve_upstreams(listeners: Vec<std::net::TcpListener>) -> std::io::
     Ok(())
 }
 
-async fn answer(n: usize, addr: SocketAddr, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let head = format!("hello from demo upstream {n} ({addr}): {} {}\n", req.method(), req.uri().path());
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+async fn answer(
+    n: usize,
+    addr: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let head = format!(
+        "hello from demo upstream {n} ({addr}): {} {}\n",
+        req.method(),
+        req.uri().path()
+    );
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let mut out = head.into_bytes();
     out.extend_from_slice(&body);
     Ok(Response::new(Full::new(Bytes::from(out))))

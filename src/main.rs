@@ -23,7 +23,10 @@ fn main() -> ExitCode {
         [] => run(&Env, None),
         ["demo"] => match demo::bind_upstreams() {
             Ok(listeners) => {
-                let addrs: Vec<_> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+                let addrs: Vec<_> = listeners
+                    .iter()
+                    .filter_map(|l| l.local_addr().ok())
+                    .collect();
                 run(&Overlay(Env, demo::defaults(&addrs)), Some(listeners))
             }
             Err(e) => {
@@ -50,7 +53,11 @@ fn run(strings: &impl Strings, demo_upstreams: Option<Vec<std::net::TcpListener>
     let config = match Config::from_strings(strings) {
         Ok(c) => c,
         Err(ConfigError(errors)) => {
-            eprintln!("baton: invalid configuration ({} problem{}):", errors.len(), if errors.len() == 1 { "" } else { "s" });
+            eprintln!(
+                "baton: invalid configuration ({} problem{}):",
+                errors.len(),
+                if errors.len() == 1 { "" } else { "s" }
+            );
             for e in &errors {
                 eprintln!("  {}={:?}: {}", e.name, e.value, e.expected);
             }
@@ -59,7 +66,9 @@ fn run(strings: &impl Strings, demo_upstreams: Option<Vec<std::net::TcpListener>
     };
     init_logging(&config);
     let runtime = if config.workers == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.workers)
@@ -77,7 +86,9 @@ fn run(strings: &impl Strings, demo_upstreams: Option<Vec<std::net::TcpListener>
     let result = runtime.block_on(async {
         if let Some(listeners) = demo_upstreams {
             demo::serve_upstreams(listeners).await?;
-            tracing::info!("demo: try `curl http://127.0.0.1:15006/` (admin: http://127.0.0.1:15021/metrics)");
+            tracing::info!(
+                "demo: try `curl http://127.0.0.1:15006/` (admin: http://127.0.0.1:15021/metrics)"
+            );
         }
         app::run(config).await
     });
@@ -103,6 +114,10 @@ fn init_logging(config: &Config) {
         .with_ansi(ansi);
     match config.log_format {
         LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
 }

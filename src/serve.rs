@@ -13,8 +13,6 @@
 //! grace period does.
 
 use crate::stack::{HttpStack, Stacks};
-use futures_util::StreamExt;
-use tokio_stream::wrappers::WatchStream;
 use baton_layers::{
     body::Body,
     detect::{self, DetectError, Detected},
@@ -27,6 +25,7 @@ use baton_layers::{
     Error,
 };
 use bytes::BytesMut;
+use futures_util::StreamExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -42,6 +41,7 @@ use std::{
     time::Duration,
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::watch};
+use tokio_stream::wrappers::WatchStream;
 use tower::{util::Oneshot, ServiceExt};
 use tracing::Instrument;
 
@@ -143,7 +143,9 @@ impl Server {
                     .timer(TokioTimer::new())
                     .header_read_timeout(self.cfg.header_read_timeout)
                     .max_buf_size(self.cfg.max_header_bytes);
-                graceful(builder.serve_connection(io, svc), state, drain).await.map_err(Into::into)
+                graceful(builder.serve_connection(io, svc), state, drain)
+                    .await
+                    .map_err(Into::into)
             }
             Detected::Http2 => {
                 g.connections_http2.incr();
@@ -152,7 +154,9 @@ impl Server {
                 let svc = ConnService::new(self.stacks.http.clone(), accept, state.clone());
                 let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
                 builder.timer(TokioTimer::new());
-                graceful(builder.serve_connection(io, svc), state, drain).await.map_err(Into::into)
+                graceful(builder.serve_connection(io, svc), state, drain)
+                    .await
+                    .map_err(Into::into)
             }
             Detected::Opaque => {
                 g.connections_opaque.incr();
@@ -161,13 +165,27 @@ impl Server {
         }
     }
 
-    async fn serve_opaque(&self, mut client: TcpStream, prefix: &[u8], accept: Accept) -> Result<(), Error> {
-        let Some(logical) = self.stacks.opaque_routes.route_opaque(accept.orig_dst.port()) else {
+    async fn serve_opaque(
+        &self,
+        mut client: TcpStream,
+        prefix: &[u8],
+        accept: Accept,
+    ) -> Result<(), Error> {
+        let Some(logical) = self
+            .stacks
+            .opaque_routes
+            .route_opaque(accept.orig_dst.port())
+        else {
             tracing::info!("no route for opaque connection; closing");
             return Ok(());
         };
         let svc = self.stacks.opaque.new_service(logical.clone());
-        let mut upstream = match svc.oneshot(OpaqueRequest { client: accept.client }).await {
+        let mut upstream = match svc
+            .oneshot(OpaqueRequest {
+                client: accept.client,
+            })
+            .await
+        {
             Ok(upstream) => upstream,
             Err(error) => {
                 tracing::warn!(service = %logical.service, %error, "opaque connection failed; closing");
@@ -180,7 +198,11 @@ impl Server {
     }
 
     /// Reads the first HTTP/1 request head completely and checks it parses.
-    async fn check_first_head(&self, stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Reject> {
+    async fn check_first_head(
+        &self,
+        stream: &mut TcpStream,
+        buf: &mut BytesMut,
+    ) -> Result<(), Reject> {
         let limit = self.cfg.max_header_bytes;
         let read = async {
             loop {
@@ -198,7 +220,12 @@ impl Server {
                 }
                 buf.reserve(4096);
                 match tokio::io::AsyncReadExt::read_buf(stream, buf).await {
-                    Ok(0) | Err(_) => return Err(Reject::new(400, "connection closed inside the request head")),
+                    Ok(0) | Err(_) => {
+                        return Err(Reject::new(
+                            400,
+                            "connection closed inside the request head",
+                        ))
+                    }
                     Ok(_) => {}
                 }
             }
@@ -228,7 +255,9 @@ impl GracefulConn for hyper::server::conn::http1::Connection<Io, ConnService<Htt
     }
 }
 
-impl GracefulConn for hyper::server::conn::http2::Connection<Io, ConnService<HttpStack>, TokioExecutor> {
+impl GracefulConn
+    for hyper::server::conn::http2::Connection<Io, ConnService<HttpStack>, TokioExecutor>
+{
     const HTTP1: bool = false;
     fn graceful_shutdown(self: Pin<&mut Self>) {
         hyper::server::conn::http2::Connection::graceful_shutdown(self)
@@ -272,7 +301,8 @@ impl<C: GracefulConn> Future for Graceful<C> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if !this.state.draining.load(Ordering::Relaxed) && this.drain.poll_next_unpin(cx).is_ready() {
+        if !this.state.draining.load(Ordering::Relaxed) && this.drain.poll_next_unpin(cx).is_ready()
+        {
             this.state.draining.store(true, Ordering::Relaxed);
         }
         if !*this.shutdown && this.state.draining.load(Ordering::Relaxed) {
@@ -395,8 +425,10 @@ where
         };
         this.state.in_flight.fetch_sub(1, Ordering::Relaxed);
         if *this.http1 && this.state.draining.load(Ordering::Relaxed) {
-            rsp.headers_mut()
-                .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            rsp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
         }
         Poll::Ready(Ok(rsp))
     }

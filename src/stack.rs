@@ -43,8 +43,8 @@ use http::{Request, Response};
 use std::sync::Arc;
 use tokio::net::TcpStream;
 use tower::{
-    buffer::Buffer, discover::Change, retry::RetryLayer, util::BoxCloneSyncService, Layer,
-    Service, ServiceBuilder,
+    buffer::Buffer, discover::Change, retry::RetryLayer, util::BoxCloneSyncService, Layer, Service,
+    ServiceBuilder,
 };
 
 /// A logical HTTP stack, type-erased at the cache boundary.
@@ -93,10 +93,8 @@ pub fn build(cfg: &Config, registry: &Registry, metrics: &Metrics) -> Stacks {
 fn http_endpoint(
     client: ClientConfig,
     metrics: &Metrics,
-) -> impl NewService<
-    Endpoint,
-    Service = Count<baton_layers::proxy::http::HttpProxy>,
-> + Clone
+) -> impl NewService<Endpoint, Service = Count<baton_layers::proxy::http::HttpProxy>>
+       + Clone
        + Send
        + Sync
        + 'static {
@@ -126,8 +124,12 @@ where
             .collect(),
     );
     let global = metrics.global();
-    InFlightLimitLayer::new(cfg.max_in_flight, global.in_flight.clone(), global.shed.clone())
-        .layer(Router::new(routes, cache).on_unrouted(global.unrouted.clone()))
+    InFlightLimitLayer::new(
+        cfg.max_in_flight,
+        global.in_flight.clone(),
+        global.shed.clone(),
+    )
+    .layer(Router::new(routes, cache).on_unrouted(global.unrouted.clone()))
 }
 
 /// One logical HTTP service: answers for every failure, metrics, the deadline, retries,
@@ -145,8 +147,12 @@ where
     <N::Service as Service<Request<Body>>>::Future: Send + 'static,
 {
     let balance = new_balance(cfg, registry, endpoint, cfg.hash_key.clone());
-    let (metrics, timeout, retries, capacity) =
-        (metrics.clone(), cfg.request_timeout, cfg.retries, cfg.max_in_flight);
+    let (metrics, timeout, retries, capacity) = (
+        metrics.clone(),
+        cfg.request_timeout,
+        cfg.retries,
+        cfg.max_in_flight,
+    );
     ArcNewService::new(NewServiceFn::new(move |logical: Logical| {
         let balancer = Buffer::new(balance.new_service(logical.clone()), capacity);
         BoxHttp::new(
@@ -224,23 +230,29 @@ where
 /// The discovery stream of a logical service's endpoints.
 pub type Endpoints = futures_util::stream::MapOk<
     Resolution,
-    Box<dyn FnMut(Change<Arc<str>, baton_discovery::Instance>) -> Change<Arc<str>, Endpoint> + Send + Sync>,
+    Box<
+        dyn FnMut(Change<Arc<str>, baton_discovery::Instance>) -> Change<Arc<str>, Endpoint>
+            + Send
+            + Sync,
+    >,
 >;
 
 /// Resolves `logical` in `registry`, as endpoint targets.
 pub fn endpoints(registry: &Registry, logical: &Logical) -> Endpoints {
     let logical = logical.clone();
-    registry.resolve(&logical.service).map_ok(Box::new(move |change| match change {
-        Change::Insert(id, i) => Change::Insert(
-            id.clone(),
-            Endpoint {
-                logical: logical.clone(),
-                id,
-                addr: i.addr,
-                handoff_port: i.handoff_port,
-                weight: i.weight,
-            },
-        ),
-        Change::Remove(id) => Change::Remove(id),
-    }))
+    registry
+        .resolve(&logical.service)
+        .map_ok(Box::new(move |change| match change {
+            Change::Insert(id, i) => Change::Insert(
+                id.clone(),
+                Endpoint {
+                    logical: logical.clone(),
+                    id,
+                    addr: i.addr,
+                    handoff_port: i.handoff_port,
+                    weight: i.weight,
+                },
+            ),
+            Change::Remove(id) => Change::Remove(id),
+        }))
 }

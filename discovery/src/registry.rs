@@ -74,10 +74,7 @@ impl Registry {
 
     /// Replaces the instance set of `service`. Subscribers receive only the difference.
     pub fn publish(&self, service: &str, instances: impl IntoIterator<Item = Instance>) {
-        let snapshot: BTreeMap<_, _> = instances
-            .into_iter()
-            .map(|i| (i.id.clone(), i))
-            .collect();
+        let snapshot: BTreeMap<_, _> = instances.into_iter().map(|i| (i.id.clone(), i)).collect();
         let mut services = self.lock();
         let entry = services.entry(service.into()).or_insert_with(Entry::new);
         entry.updated = Some(Instant::now());
@@ -245,12 +242,16 @@ mod tests {
         let reg = Registry::new();
         reg.publish("web", vec![inst(1), inst(2)]);
         let mut r = reg.resolve("web");
-        let mut first: Vec<_> = std::iter::from_fn(|| next_now(&mut r)).map(|c| key(&c)).collect();
+        let mut first: Vec<_> = std::iter::from_fn(|| next_now(&mut r))
+            .map(|c| key(&c))
+            .collect();
         first.sort();
         assert_eq!(first, ["+127.0.0.1:1", "+127.0.0.1:2"]);
 
         reg.publish("web", vec![inst(2), inst(3)]);
-        let mut delta: Vec<_> = std::iter::from_fn(|| next_now(&mut r)).map(|c| key(&c)).collect();
+        let mut delta: Vec<_> = std::iter::from_fn(|| next_now(&mut r))
+            .map(|c| key(&c))
+            .collect();
         delta.sort();
         assert_eq!(delta, ["+127.0.0.1:3", "-127.0.0.1:1"]);
 

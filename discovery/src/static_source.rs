@@ -243,7 +243,10 @@ mod tests {
     #[test]
     fn rejects_bad_entries() {
         assert_eq!(parse("web"), Err(ParseError::Entry("web".into())));
-        assert_eq!(parse("=1.2.3.4:5"), Err(ParseError::EmptyName("=1.2.3.4:5".into())));
+        assert_eq!(
+            parse("=1.2.3.4:5"),
+            Err(ParseError::EmptyName("=1.2.3.4:5".into()))
+        );
         assert_eq!(
             parse("web=localhost:80"),
             Err(ParseError::Endpoint("localhost:80".into()))
@@ -252,7 +255,10 @@ mod tests {
             parse("web=1.2.3.4:80@x"),
             Err(ParseError::Endpoint("1.2.3.4:80@x".into()))
         );
-        assert_eq!(parse("web=1.2.3.4:0"), Err(ParseError::Endpoint("1.2.3.4:0".into())));
+        assert_eq!(
+            parse("web=1.2.3.4:0"),
+            Err(ParseError::Endpoint("1.2.3.4:0".into()))
+        );
         assert_eq!(
             parse("a=1.2.3.4:1;a=1.2.3.4:2"),
             Err(ParseError::Duplicate("a".into()))
@@ -273,7 +279,11 @@ mod tests {
         let first = watch.load().unwrap();
         let task = tokio::spawn(watch.run(first));
         let ports = |svc: &str| -> Vec<u16> {
-            registry.instances(svc).iter().map(|i| i.addr.port()).collect()
+            registry
+                .instances(svc)
+                .iter()
+                .map(|i| i.addr.port())
+                .collect()
         };
         let settle = || async {
             for _ in 0..50 {
@@ -290,7 +300,10 @@ mod tests {
         reload.notify_one();
         settle().await;
         assert_eq!(ports("web"), [2]);
-        assert!(ports("old").is_empty(), "a service removed from the file has no endpoints");
+        assert!(
+            ports("old").is_empty(),
+            "a service removed from the file has no endpoints"
+        );
         assert!(registry.is_resolved("old"));
 
         std::fs::write(&path, "web=nonsense").unwrap();

@@ -353,9 +353,17 @@ mod tests {
 
     type Mock = mock::Mock<&'static str, &'static str>;
 
-    fn balancer(lb: Lb) -> (Balancer<Receiver<Change<u32, Mock>>, &'static str, NoKey>, mpsc::UnboundedSender<Change<u32, Mock>>) {
+    fn balancer(
+        lb: Lb,
+    ) -> (
+        Balancer<Receiver<Change<u32, Mock>>, &'static str, NoKey>,
+        mpsc::UnboundedSender<Change<u32, Mock>>,
+    ) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Balancer::new("web".into(), lb, Receiver(rx), EwmaConfig::default(), NoKey), tx)
+        (
+            Balancer::new("web".into(), lb, Receiver(rx), EwmaConfig::default(), NoKey),
+            tx,
+        )
     }
 
     #[derive(Clone)]
@@ -400,9 +408,15 @@ mod tests {
             let (svc, mut handle): (Mock, _) = mock::pair();
             handle.allow(0);
             tx.send(Change::Insert(1, svc)).unwrap();
-            assert!(futures_util::poll!(poll_fn(|cx| b.poll_ready(cx))).is_pending(), "{lb:?}");
+            assert!(
+                futures_util::poll!(poll_fn(|cx| b.poll_ready(cx))).is_pending(),
+                "{lb:?}"
+            );
             handle.allow(1);
-            assert!(futures_util::poll!(poll_fn(|cx| b.poll_ready(cx))).is_ready(), "{lb:?}");
+            assert!(
+                futures_util::poll!(poll_fn(|cx| b.poll_ready(cx))).is_ready(),
+                "{lb:?}"
+            );
         }
     }
 
@@ -418,6 +432,9 @@ mod tests {
             Change::Insert(k, s) => assert_eq!((k, s), ("a", 40)),
             Change::Remove(_) => panic!("expected insert"),
         }
-        assert!(matches!(d.next().await.unwrap().unwrap(), Change::Remove("a")));
+        assert!(matches!(
+            d.next().await.unwrap().unwrap(),
+            Change::Remove("a")
+        ));
     }
 }

@@ -100,7 +100,8 @@ where
         };
         let now = shared.now();
         let idle = idle.as_secs();
-        let expired = |e: &Entry<S>| now.saturating_sub(e.last_used.load(Ordering::Relaxed)) >= idle;
+        let expired =
+            |e: &Entry<S>| now.saturating_sub(e.last_used.load(Ordering::Relaxed)) >= idle;
         if !shared.entries.load().values().any(|e| expired(e)) {
             continue;
         }
@@ -111,7 +112,10 @@ where
             .filter(|(_, e)| !expired(e))
             .map(|(k, e)| (k.clone(), e.clone()))
             .collect();
-        tracing::debug!(evicted = current.len() - kept.len(), "idle services evicted");
+        tracing::debug!(
+            evicted = current.len() - kept.len(),
+            "idle services evicted"
+        );
         shared.entries.store(Arc::new(kept));
     }
 }
@@ -188,6 +192,10 @@ mod tests {
         let a3 = cache.new_service("a");
         assert!(Arc::ptr_eq(&a1, &a3), "busy target kept");
         cache.new_service("b");
-        assert_eq!(built.load(Ordering::SeqCst), 3, "evicted target rebuilt on demand");
+        assert_eq!(
+            built.load(Ordering::SeqCst),
+            3,
+            "evicted target rebuilt on demand"
+        );
     }
 }

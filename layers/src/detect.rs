@@ -102,7 +102,10 @@ fn is_tchar(b: u8) -> bool {
 
 /// Checks `METHOD SP TARGET SP HTTP/1.d (CR)LF`, allowing leading empty lines.
 fn http1_request_line(mut buf: &[u8]) -> Line {
-    while let Some(rest) = buf.strip_prefix(b"\r\n").or_else(|| buf.strip_prefix(b"\n")) {
+    while let Some(rest) = buf
+        .strip_prefix(b"\r\n")
+        .or_else(|| buf.strip_prefix(b"\n"))
+    {
         buf = rest;
     }
     let mut parts = 0; // 0: method, 1: target, 2: version
@@ -164,7 +167,10 @@ mod tests {
     #[test]
     fn classifies_protocols() {
         let c = |b: &[u8]| classify(b, LIMIT);
-        assert_eq!(c(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Some(Detected::Http1));
+        assert_eq!(
+            c(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Some(Detected::Http1)
+        );
         assert_eq!(c(b"\r\nPOST /x?y HTTP/1.0\r\n"), Some(Detected::Http1));
         assert_eq!(c(H2_PREFACE), Some(Detected::Http2));
         assert_eq!(c(b"\x16\x03\x01\x02\x00"), Some(Detected::Opaque));
@@ -198,10 +204,16 @@ mod tests {
         });
         client.write_all(b"GET /index.html HT").await.unwrap();
         tokio::task::yield_now().await;
-        client.write_all(b"TP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        client
+            .write_all(b"TP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let (d, buf) = task.await.unwrap();
         assert_eq!(d, Detected::Http1);
-        assert!(buf.starts_with(b"GET /index.html HTTP/1.1\r\n"), "everything read is kept");
+        assert!(
+            buf.starts_with(b"GET /index.html HTTP/1.1\r\n"),
+            "everything read is kept"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -219,7 +231,9 @@ mod tests {
         let (client, mut server) = tokio::io::duplex(1024);
         drop(client);
         let mut buf = BytesMut::new();
-        let err = detect(&mut server, &mut buf, Duration::from_secs(1), LIMIT).await.unwrap_err();
+        let err = detect(&mut server, &mut buf, Duration::from_secs(1), LIMIT)
+            .await
+            .unwrap_err();
         assert!(matches!(err, DetectError::Closed));
     }
 }

@@ -99,7 +99,7 @@ pub fn status_for(error: &(dyn StdError + 'static)) -> (StatusCode, &'static str
         if e.is::<UpstreamError>() {
             // Keep looking: a connect error may sit below the upstream error.
             let inner = e.source();
-            if inner.is_some_and(|i| has_connect_error(i)) {
+            if inner.is_some_and(has_connect_error) {
                 cur = inner;
                 continue;
             }
@@ -280,12 +280,32 @@ mod tests {
     #[test]
     fn maps_each_failure_to_its_status() {
         let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
-        assert_eq!(status(NoEndpoints { service: "web".into() }.into()), 503);
+        assert_eq!(
+            status(
+                NoEndpoints {
+                    service: "web".into()
+                }
+                .into()
+            ),
+            503
+        );
         assert_eq!(status(tower::timeout::error::Elapsed::new().into()), 504);
         assert_eq!(status(ConnectError::Refused(addr).into()), 502);
-        assert_eq!(status(ConnectError::Timeout(addr, Duration::ZERO).into()), 504);
+        assert_eq!(
+            status(ConnectError::Timeout(addr, Duration::ZERO).into()),
+            504
+        );
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
-        assert_eq!(status(UpstreamError { addr, source: reset.into() }.into()), 502);
+        assert_eq!(
+            status(
+                UpstreamError {
+                    addr,
+                    source: reset.into()
+                }
+                .into()
+            ),
+            502
+        );
         // A connect error wrapped by the HTTP client is still a connect error.
         let wrapped = UpstreamError {
             addr,
@@ -299,7 +319,9 @@ mod tests {
     async fn errors_become_responses_with_a_one_line_body() {
         use http_body_util::BodyExt;
         let svc = ErrorResponseLayer::new("web".into()).layer(service_fn(|_: ()| async {
-            Err::<Response<Body>, _>(NoEndpoints { service: "web".into() })
+            Err::<Response<Body>, _>(NoEndpoints {
+                service: "web".into(),
+            })
         }));
         let rsp = svc.oneshot(()).await.unwrap();
         assert_eq!(rsp.status(), 503);

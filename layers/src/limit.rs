@@ -6,7 +6,7 @@
 //! request from its arrival until its response headers are produced (the count is
 //! also the `baton_in_flight_requests` gauge). Always ready.
 
-use crate::{body::Body, errors, metrics::Gauge, metrics::Counter, Error};
+use crate::{body::Body, errors, metrics::Counter, metrics::Gauge, Error};
 use http::{Response, StatusCode};
 use pin_project_lite::pin_project;
 use std::{
@@ -74,7 +74,10 @@ where
             let rsp = errors::response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
-                format!("overloaded: more than {} requests in flight", self.layer.max),
+                format!(
+                    "overloaded: more than {} requests in flight",
+                    self.layer.max
+                ),
             );
             return ResponseFuture::Shed { rsp: Some(rsp) };
         }

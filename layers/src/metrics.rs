@@ -232,40 +232,115 @@ impl Metrics {
     /// Appends the Prometheus text exposition of everything registered here.
     pub fn render(&self, out: &mut String) {
         let g = &self.inner.global;
-        gauge(out, "baton_open_connections", "Accepted connections currently open.", g.open_connections.get());
-        header(out, "baton_connections_total", "Accepted connections by detected protocol.", "counter");
+        gauge(
+            out,
+            "baton_open_connections",
+            "Accepted connections currently open.",
+            g.open_connections.get(),
+        );
+        header(
+            out,
+            "baton_connections_total",
+            "Accepted connections by detected protocol.",
+            "counter",
+        );
         for (p, c) in [
             ("http1", &g.connections_http1),
             ("http2", &g.connections_http2),
             ("opaque", &g.connections_opaque),
         ] {
-            let _ = writeln!(out, "baton_connections_total{{protocol=\"{p}\"}} {}", c.get());
+            let _ = writeln!(
+                out,
+                "baton_connections_total{{protocol=\"{p}\"}} {}",
+                c.get()
+            );
         }
-        counter(out, "baton_detect_timeouts_total", "Connections closed because the client sent nothing to detect in time.", g.detect_timeouts.get());
-        counter(out, "baton_bad_requests_total", "Malformed requests answered 400.", g.bad_requests.get());
-        counter(out, "baton_unrouted_requests_total", "Requests that matched no route (404).", g.unrouted.get());
-        gauge(out, "baton_in_flight_requests", "HTTP requests in flight.", g.in_flight.get());
-        counter(out, "baton_load_shed_total", "Requests refused with 503 because BATON_MAX_IN_FLIGHT was reached.", g.shed.get());
-        header(out, "baton_opaque_bytes_total", "Bytes forwarded on opaque TCP connections.", "counter");
-        let _ = writeln!(out, "baton_opaque_bytes_total{{direction=\"to_upstream\"}} {}", g.opaque_bytes_in.get());
-        let _ = writeln!(out, "baton_opaque_bytes_total{{direction=\"to_client\"}} {}", g.opaque_bytes_out.get());
+        counter(
+            out,
+            "baton_detect_timeouts_total",
+            "Connections closed because the client sent nothing to detect in time.",
+            g.detect_timeouts.get(),
+        );
+        counter(
+            out,
+            "baton_bad_requests_total",
+            "Malformed requests answered 400.",
+            g.bad_requests.get(),
+        );
+        counter(
+            out,
+            "baton_unrouted_requests_total",
+            "Requests that matched no route (404).",
+            g.unrouted.get(),
+        );
+        gauge(
+            out,
+            "baton_in_flight_requests",
+            "HTTP requests in flight.",
+            g.in_flight.get(),
+        );
+        counter(
+            out,
+            "baton_load_shed_total",
+            "Requests refused with 503 because BATON_MAX_IN_FLIGHT was reached.",
+            g.shed.get(),
+        );
+        header(
+            out,
+            "baton_opaque_bytes_total",
+            "Bytes forwarded on opaque TCP connections.",
+            "counter",
+        );
+        let _ = writeln!(
+            out,
+            "baton_opaque_bytes_total{{direction=\"to_upstream\"}} {}",
+            g.opaque_bytes_in.get()
+        );
+        let _ = writeln!(
+            out,
+            "baton_opaque_bytes_total{{direction=\"to_client\"}} {}",
+            g.opaque_bytes_out.get()
+        );
 
         let services = lock(&self.inner.services).clone();
-        header(out, "baton_requests_total", "HTTP responses by service and status (including baton's own).", "counter");
+        header(
+            out,
+            "baton_requests_total",
+            "HTTP responses by service and status (including baton's own).",
+            "counter",
+        );
         for (name, m) in &services {
             let name = escape(name);
             for (i, c) in m.statuses.iter().enumerate() {
                 let n = c.load(Relaxed);
                 if n > 0 {
-                    let _ = writeln!(out, "baton_requests_total{{service=\"{name}\",status=\"{}\"}} {n}", i + 100);
+                    let _ = writeln!(
+                        out,
+                        "baton_requests_total{{service=\"{name}\",status=\"{}\"}} {n}",
+                        i + 100
+                    );
                 }
             }
         }
-        header(out, "baton_request_duration_seconds", "Time from request to response headers, by service.", "histogram");
+        header(
+            out,
+            "baton_request_duration_seconds",
+            "Time from request to response headers, by service.",
+            "histogram",
+        );
         for (name, m) in &services {
-            m.latency.render(out, "baton_request_duration_seconds", &format!("service=\"{}\"", escape(name)));
+            m.latency.render(
+                out,
+                "baton_request_duration_seconds",
+                &format!("service=\"{}\"", escape(name)),
+            );
         }
-        header(out, "baton_balancer_choices_total", "Times the balancer chose each endpoint.", "counter");
+        header(
+            out,
+            "baton_balancer_choices_total",
+            "Times the balancer chose each endpoint.",
+            "counter",
+        );
         for ((service, endpoint), c) in lock(&self.inner.choices).iter() {
             let _ = writeln!(
                 out,
@@ -298,7 +373,10 @@ pub fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Dis
 /// Escapes a Prometheus label value.
 pub fn escape(v: &str) -> std::borrow::Cow<'_, str> {
     if v.contains(['\\', '"', '\n']) {
-        v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n").into()
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+            .into()
     } else {
         v.into()
     }
@@ -426,7 +504,12 @@ mod tests {
         let web = metrics.service(&"web".into());
         let svc = RequestMetricsLayer::new(web.clone()).layer(service_fn(|code: u16| async move {
             if code == 0 {
-                return Err::<Response<()>, Error>(crate::errors::NoEndpoints { service: "web".into() }.into());
+                return Err::<Response<()>, Error>(
+                    crate::errors::NoEndpoints {
+                        service: "web".into(),
+                    }
+                    .into(),
+                );
             }
             let mut rsp = Response::new(());
             *rsp.status_mut() = http::StatusCode::from_u16(code).unwrap();
@@ -437,7 +520,11 @@ mod tests {
         svc.clone().oneshot(404).await.unwrap();
         svc.oneshot(0).await.unwrap_err();
         assert_eq!(web.count(200), 2);
-        assert_eq!(web.count(503), 1, "errors are counted with the status they map to");
+        assert_eq!(
+            web.count(503),
+            1,
+            "errors are counted with the status they map to"
+        );
         let c = metrics.choices(&"web".into(), "10.0.0.1:80".into());
         Count::new(service_fn(|()| async { Ok::<_, Error>(()) }), c.clone())
             .oneshot(())
@@ -446,11 +533,18 @@ mod tests {
 
         let mut out = String::new();
         metrics.render(&mut out);
-        assert!(out.contains("baton_requests_total{service=\"web\",status=\"200\"} 2\n"), "{out}");
+        assert!(
+            out.contains("baton_requests_total{service=\"web\",status=\"200\"} 2\n"),
+            "{out}"
+        );
         assert!(out.contains("baton_requests_total{service=\"web\",status=\"404\"} 1\n"));
         assert!(out.contains("baton_request_duration_seconds_count{service=\"web\"} 4\n"));
-        assert!(out.contains("baton_request_duration_seconds_bucket{service=\"web\",le=\"+Inf\"} 4\n"));
-        assert!(out.contains("baton_balancer_choices_total{service=\"web\",endpoint=\"10.0.0.1:80\"} 1\n"));
+        assert!(
+            out.contains("baton_request_duration_seconds_bucket{service=\"web\",le=\"+Inf\"} 4\n")
+        );
+        assert!(out.contains(
+            "baton_balancer_choices_total{service=\"web\",endpoint=\"10.0.0.1:80\"} 1\n"
+        ));
     }
 
     #[test]

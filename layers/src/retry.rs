@@ -28,6 +28,20 @@ impl ConnectRetry {
     }
 }
 
+impl ConnectRetry {
+    /// Decides after an attempt: retry only a connect failure, within the bound.
+    fn after<T>(&mut self, result: &Result<T, Error>) -> Option<std::future::Ready<()>> {
+        match result {
+            Err(e) if self.remaining > 0 && errors::is_connect_error(&**e) => {
+                self.remaining -= 1;
+                tracing::debug!(error = %e, left = self.remaining, "retrying on another endpoint");
+                Some(std::future::ready(()))
+            }
+            _ => None,
+        }
+    }
+}
+
 fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -43,14 +57,7 @@ impl Policy<Request<Body>, Response<Body>, Error> for ConnectRetry {
         _req: &mut Request<Body>,
         result: &mut Result<Response<Body>, Error>,
     ) -> Option<Self::Future> {
-        match result {
-            Err(e) if self.remaining > 0 && errors::is_connect_error(&**e) => {
-                self.remaining -= 1;
-                tracing::debug!(error = %e, left = self.remaining, "retrying on another endpoint");
-                Some(std::future::ready(()))
-            }
-            _ => None,
-        }
+        self.after(result)
     }
 
     fn clone_request(&mut self, req: &Request<Body>) -> Option<Request<Body>> {
@@ -80,13 +87,7 @@ impl Policy<OpaqueRequest, TcpStream, Error> for ConnectRetry {
         _req: &mut OpaqueRequest,
         result: &mut Result<TcpStream, Error>,
     ) -> Option<Self::Future> {
-        match result {
-            Err(e) if self.remaining > 0 && errors::is_connect_error(&**e) => {
-                self.remaining -= 1;
-                Some(std::future::ready(()))
-            }
-            _ => None,
-        }
+        self.after(result)
     }
 
     fn clone_request(&mut self, req: &OpaqueRequest) -> Option<OpaqueRequest> {
@@ -105,7 +106,13 @@ mod tests {
     use tower::{retry::RetryLayer, service_fn, Layer, ServiceExt};
 
     /// Fails the first `fail` calls with `error`, then answers 200.
-    fn flaky(fail: usize, error: fn() -> Error) -> (impl tower::Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone, Arc<AtomicUsize>) {
+    fn flaky(
+        fail: usize,
+        error: fn() -> Error,
+    ) -> (
+        impl tower::Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone,
+        Arc<AtomicUsize>,
+    ) {
         let calls = Arc::new(AtomicUsize::new(0));
         let c = calls.clone();
         let svc = service_fn(move |_req: Request<Body>| {
@@ -129,7 +136,9 @@ mod tests {
     async fn retries_idempotent_requests_on_connect_failure() {
         let (svc, calls) = flaky(2, refused);
         let svc = RetryLayer::new(ConnectRetry::new(2)).layer(svc);
-        let rsp = svc.oneshot(Request::get("/").body(Body::Empty).unwrap()).await;
+        let rsp = svc
+            .oneshot(Request::get("/").body(Body::Empty).unwrap())
+            .await;
         assert!(rsp.is_ok());
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
@@ -138,7 +147,10 @@ mod tests {
     async fn gives_up_after_the_bound() {
         let (svc, calls) = flaky(5, refused);
         let svc = RetryLayer::new(ConnectRetry::new(2)).layer(svc);
-        let err = svc.oneshot(Request::get("/").body(Body::Empty).unwrap()).await.unwrap_err();
+        let err = svc
+            .oneshot(Request::get("/").body(Body::Empty).unwrap())
+            .await
+            .unwrap_err();
         assert!(errors::is_connect_error(&*err));
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
@@ -148,17 +160,26 @@ mod tests {
         // Not idempotent.
         let (svc, calls) = flaky(1, refused);
         let svc = RetryLayer::new(ConnectRetry::new(2)).layer(svc);
-        assert!(svc.oneshot(Request::post("/").body(Body::Empty).unwrap()).await.is_err());
+        assert!(svc
+            .oneshot(Request::post("/").body(Body::Empty).unwrap())
+            .await
+            .is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // Has a body.
         let (svc, calls) = flaky(1, refused);
         let svc = RetryLayer::new(ConnectRetry::new(2)).layer(svc);
-        assert!(svc.oneshot(Request::put("/").body(Body::full("x")).unwrap()).await.is_err());
+        assert!(svc
+            .oneshot(Request::put("/").body(Body::full("x")).unwrap())
+            .await
+            .is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // Failed after connecting.
         let (svc, calls) = flaky(1, || "reset by peer".into());
         let svc = RetryLayer::new(ConnectRetry::new(2)).layer(svc);
-        assert!(svc.oneshot(Request::get("/").body(Body::Empty).unwrap()).await.is_err());
+        assert!(svc
+            .oneshot(Request::get("/").body(Body::Empty).unwrap())
+            .await
+            .is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }

@@ -14,7 +14,9 @@
 //! `404` right here. The router is always ready: readiness belongs to the routed
 //! service, which is driven inside the response future.
 
-use crate::{body::Body, errors, metrics::Counter, new_service::NewService, target::ClientInfo, Error};
+use crate::{
+    body::Body, errors, metrics::Counter, new_service::NewService, target::ClientInfo, Error,
+};
 use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use std::{
@@ -79,7 +81,9 @@ impl FromStr for Match {
                 .filter(|p| *p != 0)
                 .map(Self::Port)
                 .ok_or_else(|| format!("port {value:?} is not a number in 1..=65535")),
-            _ => Err(format!("match {s:?} is not path:/PREFIX, host:NAME, port:N or *")),
+            _ => Err(format!(
+                "match {s:?} is not path:/PREFIX, host:NAME, port:N or *"
+            )),
         }
     }
 }
@@ -98,8 +102,7 @@ impl Match {
             Self::Host(name) => host.is_some_and(|h| {
                 let h = strip_port(h);
                 if name.starts_with('.') {
-                    h.len() > name.len()
-                        && h[h.len() - name.len()..].eq_ignore_ascii_case(name)
+                    h.len() > name.len() && h[h.len() - name.len()..].eq_ignore_ascii_case(name)
                 } else {
                     h.eq_ignore_ascii_case(name)
                 }
@@ -236,7 +239,11 @@ where
             }
             None => {
                 self.unrouted.incr();
-                tracing::info!(host = host.unwrap_or(""), path = req.uri().path(), "no route");
+                tracing::info!(
+                    host = host.unwrap_or(""),
+                    path = req.uri().path(),
+                    "no route"
+                );
                 let line = format!(
                     "no route for host {:?} path {:?}",
                     host.unwrap_or(""),
@@ -310,7 +317,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_routes() {
-        for bad in ["web", "path:x=a", "port:0=a", "port:99999=a", "queue:x=a", "*=", "host:=a"] {
+        for bad in [
+            "web",
+            "path:x=a",
+            "port:0=a",
+            "port:99999=a",
+            "queue:x=a",
+            "*=",
+            "host:=a",
+        ] {
             assert!(parse(bad).is_err(), "{bad} should be rejected");
         }
     }
@@ -325,8 +340,14 @@ mod tests {
         assert_eq!(r(80, None, "/objectsfoo"), Some("web"));
         assert_eq!(r(80, None, "/objects"), Some("objects"));
         let no_default = table("path:/a/=a;host:*.example.com=ex");
-        assert_eq!(no_default.route_http(1, None, "/a/b"), Some(&"a".to_string()));
-        assert_eq!(no_default.route_http(1, Some("x.example.com"), "/"), Some(&"ex".to_string()));
+        assert_eq!(
+            no_default.route_http(1, None, "/a/b"),
+            Some(&"a".to_string())
+        );
+        assert_eq!(
+            no_default.route_http(1, Some("x.example.com"), "/"),
+            Some(&"ex".to_string())
+        );
         assert_eq!(no_default.route_http(1, Some("example.com"), "/"), None);
         assert_eq!(no_default.route_http(1, Some("[::1]:80"), "/"), None);
     }
@@ -348,7 +369,10 @@ mod tests {
             })
         });
         let router = Router::new(table("host:a=svc-a"), new);
-        let req = Request::builder().header("host", "a").body(Body::Empty).unwrap();
+        let req = Request::builder()
+            .header("host", "a")
+            .body(Body::Empty)
+            .unwrap();
         let rsp = router.clone().oneshot(req).await.unwrap();
         assert_eq!(rsp.status(), 200);
         let req = Request::builder().uri("/nope").body(Body::Empty).unwrap();

@@ -34,18 +34,13 @@ pub trait HashKey<Req> {
 }
 
 /// Which part of an HTTP request is the key (`BATON_HASH_KEY`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub enum HttpHashKey {
     /// The path (without the query).
+    #[default]
     Path,
     /// The value of a header.
     Header(HeaderName),
-}
-
-impl Default for HttpHashKey {
-    fn default() -> Self {
-        Self::Path
-    }
 }
 
 impl std::fmt::Display for HttpHashKey {
@@ -300,9 +295,7 @@ where
             Some(h) => self.table.probe(h).find(|&i| self.ready[i]),
             None => {
                 let n = self.ready.len();
-                let found = (0..n)
-                    .map(|s| (self.turn + s) % n)
-                    .find(|&i| self.ready[i]);
+                let found = (0..n).map(|s| (self.turn + s) % n).find(|&i| self.ready[i]);
                 self.turn = found.map_or(0, |i| i + 1);
                 found
             }
@@ -333,7 +326,9 @@ mod tests {
 
     #[test]
     fn spreads_keys_evenly() {
-        let keys: Vec<u64> = (0..5u32).map(|i| key_hash(&format!("10.0.0.{i}:80"))).collect();
+        let keys: Vec<u64> = (0..5u32)
+            .map(|i| key_hash(&format!("10.0.0.{i}:80")))
+            .collect();
         let mut counts = [0usize; 5];
         for o in owners(&keys, 100_000) {
             counts[o] += 1;
@@ -364,7 +359,10 @@ mod tests {
         // Ideal is 1/5 (the keys the new endpoint takes); Maglev adds a little.
         assert!(moved < 50_000 * 25 / 100, "moved {moved} of 50000 on join");
         let to_new = after.iter().filter(|k| **k == five[4]).count();
-        assert!(moved - to_new < 50_000 / 50, "keys moved between old endpoints");
+        assert!(
+            moved - to_new < 50_000 / 50,
+            "keys moved between old endpoints"
+        );
 
         // Leaving: keys of the remaining endpoints mostly stay.
         let back: Vec<u64> = owners(&four, 50_000).into_iter().map(|i| four[i]).collect();
@@ -374,9 +372,14 @@ mod tests {
 
     type Hb = HashBalance<Receiver<Change<&'static str, Named>>, HttpHashKey>;
 
-    fn balancer(names: &[&'static str]) -> (Hb, mpsc::UnboundedSender<Change<&'static str, Named>>) {
+    fn balancer(
+        names: &[&'static str],
+    ) -> (Hb, mpsc::UnboundedSender<Change<&'static str, Named>>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let hb = HashBalance::new(Receiver(rx), HttpHashKey::Header(HeaderName::from_static("x-key")));
+        let hb = HashBalance::new(
+            Receiver(rx),
+            HttpHashKey::Header(HeaderName::from_static("x-key")),
+        );
         for &name in names {
             tx.send(Change::Insert(name, Named::new(name))).unwrap();
         }
@@ -393,7 +396,10 @@ mod tests {
         if let Some(key) = key {
             req = req.header("x-key", key);
         }
-        hb.call(req.body(()).unwrap()).now_or_never().unwrap().unwrap()
+        hb.call(req.body(()).unwrap())
+            .now_or_never()
+            .unwrap()
+            .unwrap()
     }
 
     #[test]
@@ -456,7 +462,10 @@ mod tests {
         // Maglev trades exact minimality for O(1) lookups: a small share of other
         // endpoints' keys also moves (the paper measures a few percent).
         eprintln!("collateral moves: {collateral} of {}", keys.len());
-        assert!(collateral < keys.len() * 3 / 100, "{collateral} keys of remaining endpoints moved");
+        assert!(
+            collateral < keys.len() * 3 / 100,
+            "{collateral} keys of remaining endpoints moved"
+        );
         assert_eq!(hb.len(), 3);
     }
 

@@ -172,7 +172,10 @@ mod tests {
         (svc, handle)
     }
 
-    async fn send(rr: &mut RoundRobin<Receiver<Change<u32, Mock>>>, handles: &mut [Handle]) -> usize {
+    async fn send(
+        rr: &mut RoundRobin<Receiver<Change<u32, Mock>>>,
+        handles: &mut [Handle],
+    ) -> usize {
         poll_fn(|cx| rr.poll_ready(cx)).await.unwrap();
         let fut = rr.call("req");
         for (i, h) in handles.iter_mut().enumerate() {
@@ -254,6 +257,9 @@ mod tests {
         let (_tx, rx) = mpsc::unbounded_channel::<Change<u32, Mock>>();
         let mut rr = RoundRobin::new(Receiver(rx));
         assert!(rr.is_empty());
-        assert!(futures_util::poll!(poll_fn(|cx| Service::<&str>::poll_ready(&mut rr, cx))).is_pending());
+        assert!(
+            futures_util::poll!(poll_fn(|cx| Service::<&str>::poll_ready(&mut rr, cx)))
+                .is_pending()
+        );
     }
 }

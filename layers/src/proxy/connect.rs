@@ -103,6 +103,9 @@ mod tests {
         assert!(stream.nodelay().unwrap());
         drop(listener);
         let err = connect(addr, &ConnectConfig::default()).await.unwrap_err();
-        assert!(matches!(err, ConnectError::Refused(a) if a == addr), "{err}");
+        assert!(
+            matches!(err, ConnectError::Refused(a) if a == addr),
+            "{err}"
+        );
     }
 }

@@ -45,7 +45,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Appends the client to `x-forwarded-for` and `forwarded`.
 pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientInfo) {
-    append(headers, HeaderName::from_static("x-forwarded-for"), &client.x_forwarded_for);
+    append(
+        headers,
+        HeaderName::from_static("x-forwarded-for"),
+        &client.x_forwarded_for,
+    );
     append(headers, header::FORWARDED, &client.forwarded);
 }
 

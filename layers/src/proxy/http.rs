@@ -139,7 +139,9 @@ impl HttpProxy {
                 .headers
                 .remove(header::HOST)
                 .and_then(|h| uri::Authority::try_from(h.as_bytes()).ok());
-            uri.authority = host.or(client_authority).or_else(|| Some(self.authority.clone()));
+            uri.authority = host
+                .or(client_authority)
+                .or_else(|| Some(self.authority.clone()));
             parts.version = Version::HTTP_2;
         } else {
             if !parts.headers.contains_key(header::HOST) {
@@ -274,7 +276,10 @@ mod tests {
         assert_eq!(out.headers()["host"], "web.example");
 
         // HTTP/1 client to an HTTP/2 upstream: Host becomes :authority.
-        let req = Request::get("/x").header("host", "web.example").body(Body::Empty).unwrap();
+        let req = Request::get("/x")
+            .header("host", "web.example")
+            .body(Body::Empty)
+            .unwrap();
         let out = proxy(UpstreamProtocol::Http2).prepare(req);
         assert_eq!(out.version(), Version::HTTP_2);
         assert_eq!(out.uri(), "http://web.example/x");

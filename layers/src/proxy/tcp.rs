@@ -9,11 +9,7 @@
 
 use super::connect::{connect, ConnectConfig};
 use crate::{
-    balance::HashKey,
-    errors::ConnectError,
-    metrics::Counter,
-    new_service::NewService,
-    sys::Pipe,
+    balance::HashKey, errors::ConnectError, metrics::Counter, new_service::NewService, sys::Pipe,
     target::Endpoint,
 };
 use std::{
@@ -139,7 +135,9 @@ async fn splice_one_way(
     loop {
         let n = loop {
             from.readable().await?;
-            match from.try_io(Interest::READABLE, || pipe.fill_from(from.as_raw_fd(), pipe.capacity())) {
+            match from.try_io(Interest::READABLE, || {
+                pipe.fill_from(from.as_raw_fd(), pipe.capacity())
+            }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -204,7 +202,10 @@ mod tests {
         upstream_app.read_to_end(&mut got).await.unwrap();
         assert_eq!(&got[..4], b"HEAD");
         assert!(got[4..] == big[..], "payload intact");
-        upstream_app.write_all(b"reply after half-close").await.unwrap();
+        upstream_app
+            .write_all(b"reply after half-close")
+            .await
+            .unwrap();
         drop(upstream_app);
         assert_eq!(writer.await.unwrap(), b"reply after half-close");
         let (up, down) = task.await.unwrap().unwrap();
@@ -215,7 +216,11 @@ mod tests {
 
     #[test]
     fn client_ip_key_ignores_the_port() {
-        let k = |a: &str| ClientIpKey.hash_key(&OpaqueRequest { client: a.parse().unwrap() });
+        let k = |a: &str| {
+            ClientIpKey.hash_key(&OpaqueRequest {
+                client: a.parse().unwrap(),
+            })
+        };
         assert_eq!(k("10.0.0.1:1000"), k("10.0.0.1:2000"));
         assert_ne!(k("10.0.0.1:1000"), k("10.0.0.2:1000"));
     }

@@ -1,0 +1,280 @@
+//! The process: configuration errors, the admin server, graceful shutdown, the demo.
+
+mod support;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use std::time::{Duration, Instant};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[test]
+fn invalid_configuration_exits_2_naming_every_variable() {
+    let (status, stderr) = run_to_exit(
+        &[
+            ("BATON_LB", "fastest"),
+            ("BATON_INBOUND_ADDR", "localhost"),
+            ("BATON_DETECT_TIMEOUT", "10"),
+            ("BATON_ROUTES", "*=web"),
+        ],
+        &[],
+    );
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("BATON_LB=\"fastest\": expected p2c, rr or hash"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("BATON_INBOUND_ADDR=\"localhost\": expected IP:PORT"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("BATON_DETECT_TIMEOUT=\"10\": expected a duration"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("BATON_ROUTES=\"*=web\": routes to \"web\" not defined"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("4 problems"), "{stderr}");
+}
+
+#[test]
+fn unknown_arguments_exit_2() {
+    let (status, stderr) = run_to_exit(&[], &["frobnicate"]);
+    assert_eq!(status.code(), Some(2));
+    assert!(stderr.contains("usage: baton"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_port_fails_startup_naming_the_variable() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (status, stderr) = run_to_exit(
+        &[
+            ("BATON_INBOUND_ADDR", &addr),
+            ("BATON_ADMIN_ADDR", &free_addr().to_string()),
+        ],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains(&format!("BATON_INBOUND_ADDR={addr}")),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_endpoints_report_state() {
+    let up = Upstream::start("web", Behaviour::default()).await;
+    let baton = Baton::start(&[
+        ("BATON_ROUTES", "path:/api=web"),
+        ("BATON_STATIC_SERVICES", &format!("web={}", up.addr)),
+        ("BATON_REQUEST_TIMEOUT", "7s"),
+    ])
+    .await;
+    assert_eq!(get(baton.admin, "/live").await.0, StatusCode::OK);
+    let (status, _, body) = get(baton.admin, "/ready").await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ready\n"[..]));
+    assert_eq!(get(baton.admin, "/nope").await.0, StatusCode::NOT_FOUND);
+
+    let (_, headers, body) = get(baton.admin, "/config").await;
+    assert_eq!(headers["content-type"], "application/json");
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["request_timeout"], "7s");
+    assert_eq!(json["routes"][0]["match"], "path:/api");
+    assert_eq!(json["routes"][0]["logical"]["service"], "web");
+
+    get(baton.addr, "/api/x").await;
+    let m = baton.metrics().await;
+    assert_eq!(metric(&m, "baton_ready"), 1.0);
+    assert_eq!(metric(&m, "baton_endpoints{service=\"web\"}"), 1.0);
+    assert_eq!(
+        metric(&m, "baton_requests_total{service=\"web\",status=\"200\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "baton_request_duration_seconds_count{service=\"web\"}"),
+        1.0
+    );
+    assert!(m.contains("# TYPE baton_request_duration_seconds histogram"));
+    let series = format!(
+        "baton_balancer_choices_total{{service=\"web\",endpoint=\"{}\"}}",
+        up.addr
+    );
+    assert_eq!(metric(&m, &series), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_an_in_flight_request_then_exits_0() {
+    let up = Upstream::start("web", Behaviour::default()).await;
+    let mut baton = Baton::start(&[
+        ("BATON_ROUTES", "*=web"),
+        ("BATON_STATIC_SERVICES", &format!("web={}", up.addr)),
+    ])
+    .await;
+    let addr = baton.addr;
+    let slow = tokio::spawn(async move { get(addr, "/slow/1500").await });
+    // An idle keep-alive connection must not hold the shutdown up.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    while up.hits() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    baton.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _, body) = get(baton.admin, "/ready").await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not ready while draining"
+    );
+    assert_eq!(body, "not ready: draining\n");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no new connections while draining"
+    );
+    let n = idle.read(&mut buf).await.unwrap_or(0);
+    assert_eq!(n, 0, "idle keep-alive connection closed at once");
+
+    let (status, _, body) = slow.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "the in-flight request completed");
+    assert_eq!(body, "web");
+    let exit = tokio::task::spawn_blocking(move || baton.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_grace_period_bounds_shutdown() {
+    let up = Upstream::start("web", Behaviour::default()).await;
+    let mut baton = Baton::start(&[
+        ("BATON_ROUTES", "*=web"),
+        ("BATON_STATIC_SERVICES", &format!("web={}", up.addr)),
+        ("BATON_SHUTDOWN_GRACE", "300ms"),
+    ])
+    .await;
+    let addr = baton.addr;
+    let stuck = tokio::spawn(async move { try_get(addr, "/slow/30000", &[]).await });
+    while up.hits() < 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let start = Instant::now();
+    baton.signal("TERM");
+    let exit = tokio::task::spawn_blocking(move || baton.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(
+        stuck.await.unwrap().is_err(),
+        "the request past the grace period was cut"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_connections_get_goaway_and_finish_streams() {
+    let up = Upstream::start("web", Behaviour::default()).await;
+    let mut baton = Baton::start(&[
+        ("BATON_ROUTES", "*=web"),
+        ("BATON_STATIC_SERVICES", &format!("web={}", up.addr)),
+    ])
+    .await;
+    let client = http2_client();
+    let req = Request::get(format!("http://{}/", baton.addr))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&client, req).await.unwrap().0, StatusCode::OK);
+    let addr = baton.addr;
+    let c = client.clone();
+    let slow = tokio::spawn(async move {
+        let req = Request::get(format!("http://{addr}/slow/800"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        send(&c, req).await
+    });
+    while up.hits() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    baton.signal("TERM");
+    let (status, _, _) = slow.await.unwrap().unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let exit = tokio::task::spawn_blocking(move || baton.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_are_one_object_per_line() {
+    let baton = Baton::start(&[
+        ("BATON_ROUTES", "*=web"),
+        ("BATON_STATIC_SERVICES", "web="),
+        ("BATON_LOG_FORMAT", "json"),
+    ])
+    .await;
+    get(baton.addr, "/").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = baton.log();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= 2, "{log}");
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string());
+    }
+    assert!(
+        log.contains("\"service\":\"web\""),
+        "the 503 is logged with its service: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_proxies_to_its_own_upstreams() {
+    let inbound = free_addr();
+    let admin = free_addr();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .arg("demo")
+        .env_clear()
+        .env("BATON_INBOUND_ADDR", inbound.to_string())
+        .env("BATON_ADMIN_ADDR", admin.to_string())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Ok((StatusCode::OK, _, _)) = try_get(admin, "/ready", &[]).await {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut bodies = Vec::new();
+    if ready {
+        for _ in 0..2 {
+            bodies.push(String::from_utf8(get(inbound, "/hi").await.2.to_vec()).unwrap());
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ready, "demo never became ready");
+    assert!(
+        bodies
+            .iter()
+            .all(|b| b.starts_with("hello from demo upstream ") && b.contains("GET /hi")),
+        "{bodies:?}"
+    );
+    assert_ne!(
+        bodies[0], bodies[1],
+        "the demo balances round-robin over two upstreams"
+    );
+}
