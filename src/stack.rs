@@ -36,6 +36,7 @@ use baton_layers::{
     retry::ConnectRetry,
     route::{Router, Routes},
     target::{Endpoint, Logical, Protocol},
+    trace::TraceLayer,
     Error,
 };
 use futures_util::TryStreamExt;
@@ -155,8 +156,12 @@ where
     );
     ArcNewService::new(NewServiceFn::new(move |logical: Logical| {
         let balancer = Buffer::new(balance.new_service(logical.clone()), capacity);
+        let service = logical.service.clone();
         BoxHttp::new(
             ServiceBuilder::new()
+                .layer(TraceLayer::new(
+                    move || tracing::debug_span!("logical", %service),
+                ))
                 .layer(ErrorResponseLayer::new(logical.service.clone()))
                 .layer(RequestMetricsLayer::new(metrics.service(&logical.service)))
                 .timeout(timeout)

@@ -352,13 +352,9 @@ mod tests {
     use tower_test::mock;
 
     type Mock = mock::Mock<&'static str, &'static str>;
+    type TestBalancer = Balancer<Receiver<Change<u32, Mock>>, &'static str, NoKey>;
 
-    fn balancer(
-        lb: Lb,
-    ) -> (
-        Balancer<Receiver<Change<u32, Mock>>, &'static str, NoKey>,
-        mpsc::UnboundedSender<Change<u32, Mock>>,
-    ) {
+    fn balancer(lb: Lb) -> (TestBalancer, mpsc::UnboundedSender<Change<u32, Mock>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Balancer::new("web".into(), lb, Receiver(rx), EwmaConfig::default(), NoKey),

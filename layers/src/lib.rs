@@ -31,6 +31,7 @@ pub mod retry;
 pub mod route;
 pub mod sys;
 pub mod target;
+pub mod trace;
 
 /// The error type every layer returns.
 pub type Error = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -390,3 +390,4 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or(0.0)
 }
+pub mod netns;
