@@ -56,6 +56,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             max_header_bytes: config.max_header_bytes,
             header_read_timeout: config.header_read_timeout,
             opaque_ports: config.opaque_ports.clone(),
+            idle_park: config.idle_park,
         },
         stacks,
         metrics,

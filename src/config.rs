@@ -89,6 +89,8 @@ vars! {
     BATON_MAX_HEADER_BYTES = DEFAULT_MAX_HEADER_BYTES: "65536";
     /// Time allowed for a request head, counted from when the connection waits for one.
     BATON_HEADER_READ_TIMEOUT = DEFAULT_HEADER_READ_TIMEOUT: "60s";
+    /// An HTTP/1 keep-alive connection idle this long releases its HTTP buffers.
+    BATON_IDLE_PARK = DEFAULT_IDLE_PARK: "1s";
     /// Ordered routes, `MATCH=SERVICE;...`.
     BATON_ROUTES = DEFAULT_ROUTES: "";
     /// Discovery source.
@@ -194,6 +196,9 @@ pub struct Config {
     /// Request head timeout (and keep-alive idle bound).
     #[serde(serialize_with = "duration")]
     pub header_read_timeout: Duration,
+    /// Idle time after which an HTTP/1 connection is parked without buffers.
+    #[serde(serialize_with = "duration")]
+    pub idle_park: Duration,
     /// Routes, in order.
     pub routes: Vec<RouteConfig>,
     /// Discovery source.
@@ -398,6 +403,7 @@ impl Config {
             DEFAULT_HEADER_READ_TIMEOUT,
             positive_duration,
         );
+        let idle_park = p.var(BATON_IDLE_PARK, DEFAULT_IDLE_PARK, positive_duration);
         let routes = p.var(BATON_ROUTES, DEFAULT_ROUTES, |s| {
             route::parse(s).map_err(|e| format!("{e}; expected MATCH=SERVICE;... with MATCH path:/PREFIX, host:NAME, port:N or *"))
         });
@@ -594,6 +600,7 @@ impl Config {
             opaque_ports: opaque_ports.ok_or_else(missing)?,
             max_header_bytes: max_header_bytes.ok_or_else(missing)?,
             header_read_timeout: header_read_timeout.ok_or_else(missing)?,
+            idle_park: idle_park.ok_or_else(missing)?,
             routes: route_configs,
             discovery: discovery.ok_or_else(missing)?,
             static_services: static_services.ok_or_else(missing)?,

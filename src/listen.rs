@@ -70,6 +70,11 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, client)) => {
+                // Responses are written whole by the HTTP server or spliced: Nagle
+                // would only hold back the tail of a response for a delayed ACK.
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(%client, %error, "cannot set TCP_NODELAY");
+                }
                 let orig_dst = match original_dst(&stream, mode) {
                     Ok(dst) => dst,
                     Err(error) => {

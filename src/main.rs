@@ -1,6 +1,17 @@
 //! The `baton` command: `baton` runs the sidecar; `baton demo` runs it in front of its
 //! own demo upstreams.
 
+/// jemalloc: fast across threads, and able to return freed memory to the kernel.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Purge freed pages after about a second (a background thread does it, so an idle
+/// process shrinks too): parked idle connections give their buffers back for real.
+/// `_RJEM_MALLOC_CONF` in the environment overrides this.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 use baton::{
     app,
     config::{Config, ConfigError, Env, LogFormat, Overlay, Strings},

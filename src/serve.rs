@@ -6,17 +6,25 @@
 //! closed; one over `BATON_MAX_HEADER_BYTES` is answered `431`). Every request then
 //! carries the connection's [`ClientInfo`] into the request stack.
 //!
+//! Idle HTTP/1 keep-alive connections are parked without buffers (see [`http1`]).
+//!
 //! Shutdown: each connection holds a receiver of the drain signal. When it fires,
 //! HTTP/1 connections finish the request in flight and close (idle keep-alives close
 //! at once), HTTP/2 connections send GOAWAY and finish open streams, connections still
 //! being detected are closed, and opaque connections run on until they end or the
 //! grace period does.
 
-use crate::stack::{HttpStack, Stacks};
+mod conn;
+mod http1;
+mod http2;
+
+use self::{
+    conn::{ConnService, ConnState},
+    http1::Http1Config,
+};
+use crate::stack::Stacks;
 use baton_layers::{
-    body::Body,
     detect::{self, DetectError, Detected},
-    errors,
     io::PrefixedIo,
     metrics::Metrics,
     new_service::NewService,
@@ -25,24 +33,9 @@ use baton_layers::{
     Error,
 };
 use bytes::BytesMut;
-use futures_util::StreamExt;
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::{
-    convert::Infallible,
-    future::Future,
-    pin::Pin,
-    sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc,
-    },
-    task::{ready, Context, Poll},
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, time::Duration};
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::watch};
-use tokio_stream::wrappers::WatchStream;
-use tower::{util::Oneshot, ServiceExt};
+use tower::ServiceExt;
 use tracing::Instrument;
 
 /// Connection-level settings.
@@ -56,11 +49,14 @@ pub struct ServeConfig {
     pub header_read_timeout: Duration,
     /// `BATON_OPAQUE_PORTS`.
     pub opaque_ports: Vec<u16>,
+    /// `BATON_IDLE_PARK`.
+    pub idle_park: Duration,
 }
 
 /// Serves accepted connections with the stacks.
 pub struct Server {
     cfg: ServeConfig,
+    http1: Http1Config,
     stacks: Stacks,
     metrics: Metrics,
     forward: ForwardMetrics,
@@ -74,8 +70,15 @@ impl Server {
             to_upstream: g.opaque_bytes_in.clone(),
             to_client: g.opaque_bytes_out.clone(),
         };
+        let http1 = Http1Config {
+            header_read_timeout: cfg.header_read_timeout,
+            max_header_bytes: cfg.max_header_bytes,
+            park_after: cfg.idle_park,
+            parks: metrics.global().idle_parks.clone(),
+        };
         Self {
             cfg,
+            http1,
             stacks,
             metrics,
             forward,
@@ -135,26 +138,25 @@ impl Server {
                     let _ = stream.shutdown().await;
                     return Ok(());
                 }
-                let io = TokioIo::new(PrefixedIo::new(buf.freeze(), stream));
                 let state = Arc::new(ConnState::default());
-                let svc = ConnService::new(self.stacks.http.clone(), accept, state.clone());
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(self.cfg.header_read_timeout)
-                    .max_buf_size(self.cfg.max_header_bytes);
-                graceful(builder.serve_connection(io, svc), state, drain)
-                    .await
-                    .map_err(Into::into)
+                let svc = ConnService::new(
+                    self.stacks.http.clone(),
+                    ClientInfo::new(accept),
+                    state.clone(),
+                );
+                let io = PrefixedIo::new(buf.freeze(), stream);
+                http1::serve(io, svc, state, &self.http1, drain).await
             }
             Detected::Http2 => {
                 g.connections_http2.incr();
-                let io = TokioIo::new(PrefixedIo::new(buf.freeze(), stream));
                 let state = Arc::new(ConnState::default());
-                let svc = ConnService::new(self.stacks.http.clone(), accept, state.clone());
-                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                builder.timer(TokioTimer::new());
-                graceful(builder.serve_connection(io, svc), state, drain)
+                let svc = ConnService::new(
+                    self.stacks.http.clone(),
+                    ClientInfo::new(accept),
+                    state.clone(),
+                );
+                let io = PrefixedIo::new(buf.freeze(), stream);
+                http2::serve(io, svc, state, drain)
                     .await
                     .map_err(Into::into)
             }
@@ -205,19 +207,7 @@ impl Server {
     ) -> Result<(), Reject> {
         let limit = self.cfg.max_header_bytes;
         let read = async {
-            loop {
-                let mut headers = [httparse::EMPTY_HEADER; 128];
-                match httparse::Request::new(&mut headers).parse(buf) {
-                    Ok(httparse::Status::Complete(_)) => return Ok(()),
-                    Ok(httparse::Status::Partial) if buf.len() >= limit => {
-                        return Err(Reject::new(431, "request header too large"))
-                    }
-                    Ok(httparse::Status::Partial) => {}
-                    Err(httparse::Error::TooManyHeaders) => {
-                        return Err(Reject::new(431, "too many request headers"))
-                    }
-                    Err(e) => return Err(Reject::new(400, format!("malformed request: {e}"))),
-                }
+            while !parse_head(buf, limit)? {
                 buf.reserve(4096);
                 match tokio::io::AsyncReadExt::read_buf(stream, buf).await {
                     Ok(0) | Err(_) => {
@@ -229,6 +219,7 @@ impl Server {
                     Ok(_) => {}
                 }
             }
+            Ok(())
         };
         tokio::time::timeout(self.cfg.header_read_timeout, read)
             .await
@@ -236,86 +227,18 @@ impl Server {
     }
 }
 
-/// A hyper connection that can be asked to finish gracefully.
-trait GracefulConn: Future<Output = Result<(), hyper::Error>> + Send + 'static {
-    /// HTTP/1 only finishes what it has *parsed*: a request whose head baton already
-    /// read (the first one) would be dropped by an early shutdown, so HTTP/1 shuts down
-    /// only when idle between requests (see [`Graceful`]). HTTP/2's GOAWAY is safe at
-    /// any time.
-    const HTTP1: bool;
-    fn graceful_shutdown(self: Pin<&mut Self>);
-}
-
-type Io = TokioIo<PrefixedIo<TcpStream>>;
-
-impl GracefulConn for hyper::server::conn::http1::Connection<Io, ConnService<HttpStack>> {
-    const HTTP1: bool = true;
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper::server::conn::http1::Connection::graceful_shutdown(self)
-    }
-}
-
-impl GracefulConn
-    for hyper::server::conn::http2::Connection<Io, ConnService<HttpStack>, TokioExecutor>
-{
-    const HTTP1: bool = false;
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper::server::conn::http2::Connection::graceful_shutdown(self)
-    }
-}
-
-/// Runs `conn`; when `drain` fires, finishes it gracefully: HTTP/2 sends GOAWAY and
-/// completes open streams; HTTP/1 closes at once when idle between requests, and
-/// otherwise answers the request in flight (or the first one, already read) with
-/// `connection: close` and then closes.
-///
-/// A plain function returning a boxed future, not an `async` block: proving a hyper
-/// connection `Send` from inside the connection's `async fn` hits a rustc limitation
-/// (higher-ranked lifetimes of boxed error types in generator witnesses), while here
-/// the types are concrete. One allocation per connection is the price.
-fn graceful<C: GracefulConn>(
-    conn: C,
-    state: Arc<ConnState>,
-    drain: watch::Receiver<bool>,
-) -> Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>> {
-    Box::pin(Graceful {
-        conn,
-        state,
-        drain: WatchStream::from_changes(drain),
-        shutdown: false,
-    })
-}
-
-pin_project_lite::pin_project! {
-    struct Graceful<C> {
-        #[pin]
-        conn: C,
-        state: Arc<ConnState>,
-        drain: WatchStream<bool>,
-        shutdown: bool,
-    }
-}
-
-impl<C: GracefulConn> Future for Graceful<C> {
-    type Output = Result<(), hyper::Error>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        if !this.state.draining.load(Ordering::Relaxed) && this.drain.poll_next_unpin(cx).is_ready()
-        {
-            this.state.draining.store(true, Ordering::Relaxed);
+/// Whether `buf` holds a complete, valid request head. A plain function so that the
+/// parser's header array lives on the stack, not in every connection's task.
+fn parse_head(buf: &[u8], limit: usize) -> Result<bool, Reject> {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    match httparse::Request::new(&mut headers).parse(buf) {
+        Ok(httparse::Status::Complete(_)) => Ok(true),
+        Ok(httparse::Status::Partial) if buf.len() >= limit => {
+            Err(Reject::new(431, "request header too large"))
         }
-        if !*this.shutdown && this.state.draining.load(Ordering::Relaxed) {
-            let now = !C::HTTP1
-                || (this.state.in_flight.load(Ordering::Relaxed) == 0
-                    && this.state.started.load(Ordering::Relaxed) > 0);
-            if now {
-                *this.shutdown = true;
-                this.conn.as_mut().graceful_shutdown();
-            }
-            // Otherwise the response in flight carries `connection: close`.
-        }
-        this.conn.poll(cx)
+        Ok(httparse::Status::Partial) => Ok(false),
+        Err(httparse::Error::TooManyHeaders) => Err(Reject::new(431, "too many request headers")),
+        Err(e) => Err(Reject::new(400, format!("malformed request: {e}"))),
     }
 }
 
@@ -344,92 +267,5 @@ impl Reject {
             self.status,
             body.len()
         )
-    }
-}
-
-/// Per-connection request accounting, for graceful shutdown.
-#[derive(Debug, Default)]
-struct ConnState {
-    started: AtomicUsize,
-    in_flight: AtomicUsize,
-    draining: AtomicBool,
-}
-
-/// The per-connection hyper service: attaches [`ClientInfo`] and calls the stack.
-#[derive(Clone)]
-struct ConnService<S> {
-    stack: S,
-    info: ClientInfo,
-    state: Arc<ConnState>,
-}
-
-impl<S> ConnService<S> {
-    fn new(stack: S, accept: Accept, state: Arc<ConnState>) -> Self {
-        Self {
-            stack,
-            info: ClientInfo::new(accept),
-            state,
-        }
-    }
-}
-
-impl<S> hyper::service::Service<Request<Incoming>> for ConnService<S>
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = ConnFuture<Oneshot<S, Request<Body>>>;
-
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        self.state.started.fetch_add(1, Ordering::Relaxed);
-        self.state.in_flight.fetch_add(1, Ordering::Relaxed);
-        let http1 = req.version() != http::Version::HTTP_2;
-        let mut req = req.map(Body::Incoming);
-        req.extensions_mut().insert(self.info.clone());
-        ConnFuture {
-            inner: Oneshot::new(self.stack.clone(), req),
-            state: self.state.clone(),
-            http1,
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// Response future of [`ConnService`]. The stack answers every failure itself, so
-    /// an error reaching here is a bug below; it is still answered, never turned into
-    /// a dropped connection.
-    struct ConnFuture<F> {
-        #[pin]
-        inner: F,
-        state: Arc<ConnState>,
-        http1: bool,
-    }
-}
-
-impl<F> Future for ConnFuture<F>
-where
-    F: Future<Output = Result<Response<Body>, Error>>,
-{
-    type Output = Result<Response<Body>, Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut rsp = match ready!(this.inner.poll(cx)) {
-            Ok(rsp) => rsp,
-            Err(e) => {
-                tracing::error!(error = %e, "request stack failed");
-                let (status, reason) = errors::status_for(&*e);
-                errors::response(status, reason, e.to_string())
-            }
-        };
-        this.state.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if *this.http1 && this.state.draining.load(Ordering::Relaxed) {
-            rsp.headers_mut().insert(
-                http::header::CONNECTION,
-                http::HeaderValue::from_static("close"),
-            );
-        }
-        Poll::Ready(Ok(rsp))
     }
 }

@@ -585,3 +585,106 @@ async fn version_is_http11_towards_http1_clients() {
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     let _ = Version::HTTP_11;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_keep_alive_connections_park_and_resume() {
+    let up = Upstream::start("web", Behaviour::default()).await;
+    let svc = services("web", &[&up]);
+    let baton = Baton::start(&[
+        ("BATON_ROUTES", "*=web"),
+        ("BATON_STATIC_SERVICES", &svc),
+        ("BATON_IDLE_PARK", "100ms"),
+    ])
+    .await;
+    let mut s = TcpStream::connect(baton.addr).await.unwrap();
+    let exchange = |path: &'static str| {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n");
+        async move {
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut buf = vec![0u8; 65536];
+            let mut got = Vec::new();
+            // Read until the body (its length is known from the path) is complete.
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"web") {
+                let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(
+                    n > 0,
+                    "connection closed: {}",
+                    String::from_utf8_lossy(&got)
+                );
+                got.extend_from_slice(&buf[..n]);
+            }
+            (s, String::from_utf8(got).unwrap())
+        }
+    };
+    let (s1, first) = exchange("/one").await;
+    assert!(first.starts_with("HTTP/1.1 200 OK"));
+    s = s1;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let m = baton.metrics().await;
+    assert!(
+        metric(&m, "baton_idle_parks_total") >= 1.0,
+        "the idle connection was parked"
+    );
+    // The parked connection serves the next request.
+    let exchange2 = |path: &'static str| {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n");
+        let mut s = s;
+        async move {
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut buf = vec![0u8; 65536];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"web") {
+                let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0, "parked connection closed");
+                got.extend_from_slice(&buf[..n]);
+            }
+            (s, String::from_utf8(got).unwrap())
+        }
+    };
+    let (mut s, second) = exchange2("/two").await;
+    assert!(second.starts_with("HTTP/1.1 200 OK"), "{second}");
+
+    // A head that arrives slowly, across more than the park time, is not cut.
+    s.write_all(b"GET /three HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b"Host: web\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200 OK"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let m = baton.metrics().await;
+    assert_eq!(
+        metric(&m, "baton_connections_total{protocol=\"http1\"}"),
+        1.0,
+        "one connection throughout"
+    );
+    assert_eq!(up.hits(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_stalled_longer_than_the_park_time_is_not_cut() {
+    let up = Upstream::start("web", Behaviour::default()).await;
+    let svc = services("web", &[&up]);
+    let baton = Baton::start(&[
+        ("BATON_ROUTES", "*=web"),
+        ("BATON_STATIC_SERVICES", &svc),
+        ("BATON_IDLE_PARK", "50ms"),
+    ])
+    .await;
+    let (status, _, body) = get(baton.addr, "/drip/4/200").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.len(), 4000, "every chunk arrived");
+    assert_eq!(&body[3000..3005], b"ddddd");
+}

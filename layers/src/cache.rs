@@ -20,6 +20,11 @@ use std::{
     time::Duration,
 };
 use tokio::time::Instant;
+use xxhash_rust::xxh3::Xxh3Builder;
+
+/// The cache's map: looked up on every request, so hashed with xxh3 rather than SipHash
+/// (keys are configuration, not attacker-chosen).
+type Map<T, S> = HashMap<T, Arc<Entry<S>>, Xxh3Builder>;
 
 /// A caching `NewService` (see the module docs).
 pub struct NewCache<T, N: NewService<T>> {
@@ -28,7 +33,7 @@ pub struct NewCache<T, N: NewService<T>> {
 }
 
 struct Shared<T, S> {
-    entries: ArcSwap<HashMap<T, Arc<Entry<S>>>>,
+    entries: ArcSwap<Map<T, S>>,
     /// Serializes writers; readers never take it.
     write: Mutex<()>,
     epoch: Instant,
@@ -107,7 +112,7 @@ where
         }
         let _write = shared.lock();
         let current = shared.entries.load_full();
-        let kept: HashMap<_, _> = current
+        let kept: Map<T, S> = current
             .iter()
             .filter(|(_, e)| !expired(e))
             .map(|(k, e)| (k.clone(), e.clone()))
@@ -146,7 +151,7 @@ where
             return touch(entry);
         }
         let service = self.inner.new_service(target.clone());
-        let mut next = HashMap::clone(&current);
+        let mut next = Map::clone(&current);
         next.insert(
             target,
             Arc::new(Entry {

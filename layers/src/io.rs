@@ -40,6 +40,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for PrefixedIo<I> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // Release the detection buffer: a long-lived idle connection must
+                // not keep it.
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_read(cx, buf)

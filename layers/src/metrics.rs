@@ -170,6 +170,8 @@ pub struct Global {
     pub connections_opaque: Counter,
     /// Connections closed because detection timed out.
     pub detect_timeouts: Counter,
+    /// Times an idle HTTP/1 connection was parked (its buffers released).
+    pub idle_parks: Counter,
     /// Requests answered 400 by baton (malformed).
     pub bad_requests: Counter,
     /// Requests that matched no route (404).
@@ -260,6 +262,12 @@ impl Metrics {
             "baton_detect_timeouts_total",
             "Connections closed because the client sent nothing to detect in time.",
             g.detect_timeouts.get(),
+        );
+        counter(
+            out,
+            "baton_idle_parks_total",
+            "Times an idle HTTP/1 keep-alive connection released its buffers (BATON_IDLE_PARK).",
+            g.idle_parks.get(),
         );
         counter(
             out,

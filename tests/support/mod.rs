@@ -284,6 +284,21 @@ async fn answer(
             text.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
         }
         full(text.into())
+    } else if let Some(spec) = path.strip_prefix("/drip/") {
+        // /drip/N/MS: N chunks of 1000 bytes, MS milliseconds apart.
+        let (n, ms) = spec.split_once('/').unwrap_or(("0", "0"));
+        let (n, ms): (usize, u64) = (n.parse().unwrap_or(0), ms.parse().unwrap_or(0));
+        let chunks = futures_util::stream::unfold(0, move |i| async move {
+            if i == n {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let frame = hyper::body::Frame::data(Bytes::from(vec![b'a' + (i % 26) as u8; 1000]));
+            Some((Ok::<_, hyper::Error>(frame), i + 1))
+        });
+        http_body_util::StreamBody::new(chunks).boxed()
     } else if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
         full(name.into())

@@ -19,6 +19,14 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including any named in `Connection`. `TE: trailers` is
 /// kept (gRPC needs it end to end); other `TE` values are dropped.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names first: most messages carry no hop-by-hop header at all,
+    // and a scan of standard names is much cheaper than nine hashed removals.
+    if !headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(name) || name == header::TE)
+    {
+        return;
+    }
     // Headers listed in `Connection` are hop-by-hop too; usually there are none, so
     // only allocate when there are.
     if let Some(listed) = headers.get(header::CONNECTION) {

@@ -1,0 +1,178 @@
+//! The per-connection hyper service and its accounting.
+
+use baton_layers::{body::Body, errors, target::ClientInfo, Error};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    task::{ready, Context, Poll},
+};
+use tower::util::Oneshot;
+
+/// What a connection is doing, shared by its service, its response bodies and its I/O.
+#[derive(Debug, Default)]
+pub(super) struct ConnState {
+    /// Requests received so far.
+    started: AtomicUsize,
+    /// Requests whose response has not been completely written yet.
+    active: AtomicUsize,
+    /// Bytes arrived since the last exchange ended, but no request yet: a head is
+    /// being received.
+    partial: AtomicBool,
+    /// Shutdown has begun: answer what is in flight with `connection: close`.
+    draining: AtomicBool,
+}
+
+impl ConnState {
+    /// Between requests: a request was served, nothing is being received, answered or
+    /// written. (Before the first request the connection is never idle: its head was
+    /// already read by detection.)
+    pub(super) fn idle(&self) -> bool {
+        self.active.load(Ordering::Acquire) == 0
+            && self.started.load(Ordering::Acquire) > 0
+            && !self.partial.load(Ordering::Acquire)
+    }
+
+    /// Records that bytes were read; outside an exchange they start the next head.
+    pub(super) fn mark_partial(&self) {
+        if self.active.load(Ordering::Acquire) == 0 {
+            self.partial.store(true, Ordering::Release);
+        }
+    }
+
+    pub(super) fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub(super) fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// The per-connection hyper service: attaches [`ClientInfo`] and calls the stack.
+#[derive(Clone)]
+pub(super) struct ConnService<S> {
+    stack: S,
+    info: ClientInfo,
+    state: Arc<ConnState>,
+}
+
+impl<S> ConnService<S> {
+    pub(super) fn new(stack: S, info: ClientInfo, state: Arc<ConnState>) -> Self {
+        Self { stack, info, state }
+    }
+}
+
+impl<S> hyper::service::Service<Request<Incoming>> for ConnService<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone,
+{
+    type Response = Response<ConnBody>;
+    type Error = Infallible;
+    type Future = ConnFuture<Oneshot<S, Request<Body>>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.state.started.fetch_add(1, Ordering::AcqRel);
+        self.state.active.fetch_add(1, Ordering::AcqRel);
+        self.state.partial.store(false, Ordering::Release);
+        let http1 = req.version() != http::Version::HTTP_2;
+        let mut req = req.map(Body::Incoming);
+        req.extensions_mut().insert(self.info.clone());
+        ConnFuture {
+            inner: Oneshot::new(self.stack.clone(), req),
+            state: Some(self.state.clone()),
+            http1,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`ConnService`]. The stack answers every failure itself, so
+    /// an error reaching here is a bug below; it is still answered, never turned into
+    /// a dropped connection.
+    pub(super) struct ConnFuture<F> {
+        #[pin]
+        inner: F,
+        // Moved into the response body; released here if the future is dropped first.
+        state: Option<Arc<ConnState>>,
+        http1: bool,
+    }
+
+    impl<F> PinnedDrop for ConnFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(state) = this.project().state.take() {
+                state.active.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+impl<F> Future for ConnFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, Error>>,
+{
+    type Output = Result<Response<ConnBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut rsp = match ready!(this.inner.poll(cx)) {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                tracing::error!(error = %e, "request stack failed");
+                let (status, reason) = errors::status_for(&*e);
+                errors::response(status, reason, e.to_string())
+            }
+        };
+        let state = this.state.take();
+        if *this.http1 && state.as_ref().is_some_and(|s| s.draining()) {
+            rsp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+        Poll::Ready(Ok(rsp.map(|body| ConnBody { body, state })))
+    }
+}
+
+/// A response body that marks its exchange finished when hyper is done with it (fully
+/// written, or abandoned).
+pub(super) struct ConnBody {
+    body: Body,
+    state: Option<Arc<ConnState>>,
+}
+
+impl Drop for ConnBody {
+    fn drop(&mut self) {
+        if let Some(state) = self.state.take() {
+            state.active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl http_body::Body for ConnBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
