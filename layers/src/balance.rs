@@ -416,6 +416,46 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn p2c_sends_most_requests_to_the_faster_endpoint() {
+        use std::sync::{
+            atomic::{AtomicUsize, Ordering},
+            Arc,
+        };
+        use tower::{service_fn, util::BoxService};
+        type Svc = BoxService<&'static str, &'static str, Error>;
+        let (tx, rx) = mpsc::unbounded_channel::<Change<u32, Svc>>();
+        let mut b: Balancer<_, &'static str, NoKey> = Balancer::new(
+            "web".into(),
+            Lb::P2c,
+            Receiver(rx),
+            EwmaConfig::default(),
+            NoKey,
+        );
+        let counts: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::default()).collect();
+        for (key, delay_ms) in [(0u32, 1u64), (1, 50)] {
+            let count = counts[key as usize].clone();
+            let svc = service_fn(move |_: &'static str| {
+                count.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+                    Ok::<_, Error>("ok")
+                }
+            });
+            tx.send(Change::Insert(key, BoxService::new(svc))).unwrap();
+        }
+        for _ in 0..200 {
+            b.ready().await.unwrap().call("req").await.unwrap();
+        }
+        let (fast, slow) = (
+            counts[0].load(Ordering::SeqCst),
+            counts[1].load(Ordering::SeqCst),
+        );
+        assert_eq!(fast + slow, 200);
+        // Round-robin would send 100 to each; PeakEWMA learns the slow one's latency.
+        assert!(slow < 20, "slow endpoint got {slow} of 200");
+    }
+
     #[tokio::test]
     async fn discover_new_builds_services_from_targets() {
         use crate::new_service::NewServiceFn;
