@@ -327,8 +327,15 @@ fn parse_from<T: FromStr>(expected: &'static str) -> impl Fn(&str) -> Result<T, 
     move |s| s.parse().map_err(|_| expected.to_string())
 }
 
+/// The longest duration accepted anywhere: beyond it, deadlines overflow clocks.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|_| "expected a duration such as 500ms, 10s or 5m".into())
+    match humantime::parse_duration(s) {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        Ok(_) => Err("expected a duration of at most 365 days".into()),
+        Err(_) => Err("expected a duration such as 500ms, 10s or 5m".into()),
+    }
 }
 
 fn positive_duration(s: &str) -> Result<Duration, String> {
@@ -478,13 +485,12 @@ impl Config {
                 .filter(|n| *n <= 10)
                 .ok_or_else(|| "expected a number from 0 to 10".into())
         });
-        let positive = |s: &str| {
+        let max_in_flight = p.var(BATON_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT, |s| {
             s.parse::<usize>()
                 .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| "expected a positive integer".to_string())
-        };
-        let max_in_flight = p.var(BATON_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT, positive);
+                .filter(|n| (1..=100_000_000).contains(n))
+                .ok_or_else(|| "expected a number from 1 to 100000000".to_string())
+        });
         let pool_idle_timeout = p.var(
             BATON_POOL_IDLE_TIMEOUT,
             DEFAULT_POOL_IDLE_TIMEOUT,
@@ -503,7 +509,10 @@ impl Config {
         let service_idle_timeout = p.var(
             BATON_SERVICE_IDLE_TIMEOUT,
             DEFAULT_SERVICE_IDLE_TIMEOUT,
-            positive_duration,
+            |s| match parse_duration(s)? {
+                d if d < Duration::from_secs(1) => Err("expected at least 1s".to_string()),
+                d => Ok(d),
+            },
         );
         let log = p.var(BATON_LOG, DEFAULT_LOG, |s| {
             tracing_subscriber::EnvFilter::try_new(s)
@@ -744,6 +753,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn values_that_would_break_at_runtime_are_refused() {
+        let err = parse(&[
+            (BATON_IDLE_PARK, "300000000000y"),
+            (BATON_MAX_IN_FLIGHT, "18446744073709551615"),
+            (BATON_SERVICE_IDLE_TIMEOUT, "500ms"),
+        ])
+        .unwrap_err();
+        let names: Vec<_> = err.0.iter().map(|e| e.name).collect();
+        assert_eq!(
+            names,
+            [
+                BATON_IDLE_PARK,
+                BATON_MAX_IN_FLIGHT,
+                BATON_SERVICE_IDLE_TIMEOUT
+            ]
+        );
     }
 
     #[test]

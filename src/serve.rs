@@ -131,7 +131,12 @@ impl Server {
         match detected {
             Detected::Http1 => {
                 g.connections_http1.incr();
-                if let Err(reject) = self.check_first_head(&mut stream, &mut buf).await {
+                let checked = tokio::select! {
+                    checked = self.check_first_head(&mut stream, &mut buf) => checked,
+                    // Shutting down before the first request is even complete: close.
+                    _ = drain.changed() => return Ok(()),
+                };
+                if let Err(reject) = checked {
                     g.bad_requests.incr();
                     tracing::info!(status = reject.status, reason = %reject.reason, "rejecting malformed request");
                     let _ = stream.write_all(reject.response().as_bytes()).await;
@@ -156,7 +161,7 @@ impl Server {
                     state.clone(),
                 );
                 let io = PrefixedIo::new(buf.freeze(), stream);
-                http2::serve(io, svc, state, drain)
+                http2::serve(io, svc, state, self.cfg.header_read_timeout, drain)
                     .await
                     .map_err(Into::into)
             }

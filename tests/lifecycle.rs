@@ -278,3 +278,67 @@ async fn the_demo_proxies_to_its_own_upstreams() {
         "the demo balances round-robin over two upstreams"
     );
 }
+
+/// Opens an HTTP/2 connection that sends the preface and a SETTINGS frame, then
+/// nothing, and reads until baton closes it.
+async fn silent_h2_client(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap(); // empty SETTINGS
+    s
+}
+
+async fn read_until_closed(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_http2_connection_is_closed() {
+    let up = Upstream::start("web", Behaviour::default()).await;
+    let baton = Baton::start(&[
+        ("BATON_ROUTES", "*=web"),
+        ("BATON_STATIC_SERVICES", &format!("web={}", up.addr)),
+        ("BATON_HEADER_READ_TIMEOUT", "300ms"),
+    ])
+    .await;
+    let mut s = silent_h2_client(baton.addr).await;
+    assert!(
+        read_until_closed(&mut s, Duration::from_secs(10)).await,
+        "an HTTP/2 client that only sent its preface holds a task"
+    );
+    assert_eq!(
+        metric(&baton.metrics().await, "baton_open_connections"),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_http2_client_does_not_hold_up_shutdown() {
+    let up = Upstream::start("web", Behaviour::default()).await;
+    let mut baton = Baton::start(&[
+        ("BATON_ROUTES", "*=web"),
+        ("BATON_STATIC_SERVICES", &format!("web={}", up.addr)),
+    ])
+    .await;
+    let mut s = silent_h2_client(baton.addr).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    baton.signal("TERM");
+    assert!(read_until_closed(&mut s, Duration::from_secs(10)).await);
+    let exit = tokio::task::spawn_blocking(move || baton.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    // The grace period is 30s; a silent peer must not use it up.
+    assert!(start.elapsed() < Duration::from_secs(10));
+}

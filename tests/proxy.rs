@@ -258,9 +258,12 @@ async fn refused_upstream_is_502_after_bounded_retries() {
     let (status, headers, body) = get(baton.addr, "/").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(headers["x-baton-error"], "connect-refused");
+    assert_eq!(body, "service web refused the connection\n");
+    // The client is not told where; the log is.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
-        String::from_utf8_lossy(&body).contains(&dead.to_string()),
-        "names the endpoint"
+        baton.log().contains(&dead.to_string()),
+        "the log names the endpoint"
     );
     // Three attempts (one plus two retries), all on the dead endpoint.
     let m = baton.metrics().await;
@@ -687,4 +690,60 @@ async fn a_response_stalled_longer_than_the_park_time_is_not_cut() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body.len(), 4000, "every chunk arrived");
     assert_eq!(&body[3000..3005], b"ddddd");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_upstreams_get_one_connection_whatever_the_host() {
+    let h2 = Upstream::start(
+        "grpc",
+        Behaviour {
+            h2_only: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let svc = services("grpc", &[&h2]);
+    let baton = Baton::start(&[
+        ("BATON_ROUTES", "*=grpc"),
+        ("BATON_STATIC_SERVICES", &svc),
+        ("BATON_UPSTREAM_PROTOCOL", "http2"),
+    ])
+    .await;
+    let client = http1_client();
+    for i in 0..20 {
+        let req = Request::get(format!("http://{}/headers", baton.addr))
+            .header("host", format!("tenant-{i}.example"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (status, _, _) = send(&client, req).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(h2.hits(), 20);
+    assert_eq!(
+        h2.connections(),
+        1,
+        "one multiplexed connection, not one per Host"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cookies_split_by_an_http2_client_reach_an_http1_upstream_as_one_line() {
+    let up = Upstream::start("web", Behaviour::default()).await;
+    let svc = services("web", &[&up]);
+    let baton = Baton::start(&[
+        ("BATON_ROUTES", "*=web"),
+        ("BATON_STATIC_SERVICES", &svc),
+        ("BATON_UPSTREAM_PROTOCOL", "http1"),
+    ])
+    .await;
+    let req = Request::get(format!("http://{}/headers", baton.addr))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, body) = send(&http2_client(), req).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let headers = String::from_utf8(body.to_vec()).unwrap();
+    assert!(headers.contains("cookie: a=1; b=2\n"), "{headers}");
+    assert_eq!(headers.matches("cookie:").count(), 1);
 }

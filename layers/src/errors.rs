@@ -128,6 +128,26 @@ pub fn is_connect_error(error: &(dyn StdError + 'static)) -> bool {
     has_connect_error(error)
 }
 
+/// The line a client is told for `reason`: what failed, never where (endpoint addresses
+/// stay in the log line).
+pub fn public_line(reason: &str, service: &str) -> String {
+    match reason {
+        "no-endpoints" => format!("no endpoints available for service {service}"),
+        "request-timeout" => format!("service {service} did not answer in time"),
+        "connect-timeout" => format!("connecting to service {service} timed out"),
+        "connect-refused" => format!("service {service} refused the connection"),
+        "connect-failed" => format!("connecting to service {service} failed"),
+        "upstream-failed" => format!("service {service} failed before completing its response"),
+        _ => format!("proxy error for service {service}"),
+    }
+}
+
+/// Answers `error` for `service`: status, `x-baton-error` reason, one-line body.
+pub fn error_response(error: &(dyn StdError + 'static), service: &str) -> Response<Body> {
+    let (status, reason) = status_for(error);
+    response(status, reason, public_line(reason, service))
+}
+
 /// A response baton generates itself: `status`, a one-line `text/plain` body, and an
 /// `x-baton-error` header carrying `reason` so clients can tell it from an upstream's.
 pub fn response(status: StatusCode, reason: &'static str, line: String) -> Response<Body> {
@@ -260,9 +280,10 @@ where
         Poll::Ready(Ok(match result {
             Ok(rsp) => rsp,
             Err(error) => {
-                let (status, reason) = status_for(&*error);
-                tracing::warn!(service = %this.service, status = status.as_u16(), %error, "request failed");
-                response(status, reason, format!("{error}"))
+                let rsp = error_response(&*error, this.service);
+                let status = rsp.status().as_u16();
+                tracing::warn!(service = %this.service, status, %error, "request failed");
+                rsp
             }
         }))
     }

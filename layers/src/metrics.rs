@@ -223,7 +223,8 @@ impl Metrics {
             .clone()
     }
 
-    /// The counter of balancer choices of `endpoint` in `service`.
+    /// The counter of balancer choices of `endpoint` in `service`. It is reported while
+    /// something holds it (the endpoint's stack).
     pub fn choices(&self, service: &Arc<str>, endpoint: String) -> Counter {
         lock(&self.inner.choices)
             .entry((service.clone(), endpoint))
@@ -349,7 +350,11 @@ impl Metrics {
             "Times the balancer chose each endpoint.",
             "counter",
         );
-        for ((service, endpoint), c) in lock(&self.inner.choices).iter() {
+        let mut choices = lock(&self.inner.choices);
+        // An endpoint that left (no balancer holds its counter any more) leaves the
+        // exposition too, so churn does not grow it without bound.
+        choices.retain(|_, c| Arc::strong_count(&c.0) > 1);
+        for ((service, endpoint), c) in choices.iter() {
             let _ = writeln!(
                 out,
                 "baton_balancer_choices_total{{service=\"{}\",endpoint=\"{}\"}} {}",
@@ -553,6 +558,13 @@ mod tests {
         assert!(out.contains(
             "baton_balancer_choices_total{service=\"web\",endpoint=\"10.0.0.1:80\"} 1\n"
         ));
+        drop(c);
+        let mut out = String::new();
+        metrics.render(&mut out);
+        assert!(
+            !out.contains("endpoint=\"10.0.0.1:80\""),
+            "a departed endpoint is forgotten"
+        );
     }
 
     #[test]

@@ -24,28 +24,26 @@ pub(super) struct ConnState {
     started: AtomicUsize,
     /// Requests whose response has not been completely written yet.
     active: AtomicUsize,
-    /// Bytes arrived since the last exchange ended, but no request yet: a head is
-    /// being received.
-    partial: AtomicBool,
     /// Shutdown has begun: answer what is in flight with `connection: close`.
     draining: AtomicBool,
 }
 
 impl ConnState {
-    /// Between requests: a request was served, nothing is being received, answered or
-    /// written. (Before the first request the connection is never idle: its head was
-    /// already read by detection.)
+    /// Between requests as far as baton can tell: a request was served and no response
+    /// is being produced or written. (hyper knows better — a head may be arriving — and
+    /// an HTTP/1 connection asked to finish while busy finishes its exchange first.)
     pub(super) fn idle(&self) -> bool {
-        self.active.load(Ordering::Acquire) == 0
-            && self.started.load(Ordering::Acquire) > 0
-            && !self.partial.load(Ordering::Acquire)
+        self.quiet() && self.started() > 0
     }
 
-    /// Records that bytes were read; outside an exchange they start the next head.
-    pub(super) fn mark_partial(&self) {
-        if self.active.load(Ordering::Acquire) == 0 {
-            self.partial.store(true, Ordering::Release);
-        }
+    /// No response is being produced or written (a fresh connection is quiet too).
+    pub(super) fn quiet(&self) -> bool {
+        self.active.load(Ordering::Acquire) == 0
+    }
+
+    /// Requests received so far.
+    pub(super) fn started(&self) -> usize {
+        self.started.load(Ordering::Acquire)
     }
 
     pub(super) fn set_draining(&self) {
@@ -82,7 +80,6 @@ where
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.state.started.fetch_add(1, Ordering::AcqRel);
         self.state.active.fetch_add(1, Ordering::AcqRel);
-        self.state.partial.store(false, Ordering::Release);
         let http1 = req.version() != http::Version::HTTP_2;
         let mut req = req.map(Body::Incoming);
         req.extensions_mut().insert(self.info.clone());
@@ -127,8 +124,7 @@ where
             Ok(rsp) => rsp,
             Err(e) => {
                 tracing::error!(error = %e, "request stack failed");
-                let (status, reason) = errors::status_for(&*e);
-                errors::response(status, reason, e.to_string())
+                errors::error_response(&*e, "-")
             }
         };
         let state = this.state.take();

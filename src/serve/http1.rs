@@ -2,17 +2,20 @@
 //!
 //! hyper keeps about 16 KiB of buffers per connection (8 KiB to read, 8 KiB of header
 //! space to write) for as long as the connection lives. A sidecar holds thousands of
-//! idle keep-alive connections, so baton *parks* them: once a connection has been idle
-//! between requests for `BATON_IDLE_PARK`, [`IdleIo`] ends hyper's connection as a
-//! clean close would (end of stream at a message boundary, which hyper handles without
-//! error), takes the socket back without shutting it down, and waits for readability
-//! with no buffers at all. When the client sends its next request, a fresh hyper
-//! connection serves it. Nothing is lost: the end of stream is only reported after the
-//! socket itself said "no data", and the next bytes stay in the kernel until then.
+//! idle keep-alive connections, so baton *parks* them: when a connection has been idle
+//! between requests for `BATON_IDLE_PARK` (checked on a timer, so after one to two
+//! periods), baton asks hyper to finish the connection gracefully — for an idle
+//! connection hyper stops at once, at a message boundary, after flushing everything —
+//! and takes the socket back (`poll_without_shutdown` + `into_parts`) together with
+//! any bytes hyper had read ahead. Then it waits for readability with no buffers at
+//! all; the next request gets a fresh hyper connection, fed first with the read-ahead
+//! bytes. hyper does all HTTP framing, so nothing is cut or misread: a connection that
+//! turns out to be busy when asked just finishes its exchange first.
 //!
-//! The same seam implements graceful shutdown: when the drain signal fires, an idle
-//! connection is ended at once, and a busy one answers its request in flight with
-//! `connection: close` (see [`ConnFuture`](super::conn::ConnFuture)) and then ends.
+//! The same seam implements graceful shutdown: when the drain signal fires, hyper is
+//! asked to finish (an idle connection closes at once, a busy one answers its request
+//! with `connection: close` first). A connection whose first request baton has read
+//! but hyper has not yet parsed is left to answer it (`connection: close` again).
 
 use super::conn::{ConnService, ConnState};
 use crate::stack::HttpStack;
@@ -21,18 +24,12 @@ use futures_util::StreamExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::{
     future::Future,
-    io,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
     time::Duration,
 };
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-    sync::watch,
-    time::{Instant, Sleep},
-};
+use tokio::{net::TcpStream, sync::watch, time::Sleep};
 use tokio_stream::wrappers::WatchStream;
 
 /// HTTP/1 settings.
@@ -48,13 +45,11 @@ pub(super) struct Http1Config {
     pub(super) parks: Counter,
 }
 
-/// Why hyper's connection ended.
+/// Why baton asked hyper to finish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Ended {
-    /// hyper ended it (client closed, keep-alive off, error).
-    Hyper,
-    /// Idle for `park_after`: park.
-    Idle,
+enum Asked {
+    /// Idle long enough: park, then resume.
+    Park,
     /// Draining: close.
     Drain,
 }
@@ -68,20 +63,18 @@ pub(super) async fn serve(
     mut drain: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     loop {
-        let idle = IdleIo::new(io, state.clone(), drain.clone(), cfg.park_after);
-        let parts = run(idle, svc.clone(), cfg).await?;
-        let idle = parts.io.into_inner();
-        let ended = idle.ended;
-        let (rest, stream) = idle.io.into_parts();
-        // hyper only stops at a message boundary, but keep whatever it read ahead.
+        let (parts, asked) = run(io, svc.clone(), state.clone(), cfg, drain.clone()).await?;
+        if asked != Some(Asked::Park) || state.draining() || *drain.borrow() {
+            // hyper ended it (client closed, keep-alive off) or shutdown did: close.
+            return Ok(());
+        }
+        let (rest, stream) = parts.io.into_inner().into_parts();
+        // Bytes hyper read ahead (the start of the next request) come first.
         let prefix = if parts.read_buf.is_empty() {
             rest
         } else {
             parts.read_buf
         };
-        if ended != Ended::Idle || state.draining() || *drain.borrow() {
-            return Ok(());
-        }
         if prefix.is_empty() {
             // Parked: no hyper state, no buffers; only the socket's readiness.
             cfg.parks.incr();
@@ -96,146 +89,104 @@ pub(super) async fn serve(
     }
 }
 
-type Conn = hyper::server::conn::http1::Connection<TokioIo<IdleIo>, ConnService<HttpStack>>;
-type Parts = hyper::server::conn::http1::Parts<TokioIo<IdleIo>, ConnService<HttpStack>>;
+type Conn =
+    hyper::server::conn::http1::Connection<TokioIo<PrefixedIo<TcpStream>>, ConnService<HttpStack>>;
+type Parts =
+    hyper::server::conn::http1::Parts<TokioIo<PrefixedIo<TcpStream>>, ConnService<HttpStack>>;
+/// How one hyper connection ended: its parts, and whether baton asked for the end.
+type Ended = hyper::Result<(Parts, Option<Asked>)>;
 
-/// Runs one hyper connection to its end, keeping the socket open.
+/// Runs one hyper connection to its end without shutting the socket, and says whether
+/// baton asked for that end.
 ///
 /// A plain function returning a boxed future, not an `async` block: proving a hyper
 /// connection `Send` from inside the connection's `async fn` hits a rustc limitation
 /// (higher-ranked lifetimes of boxed error types in generator witnesses), while here
 /// the types are concrete. One allocation per hyper connection is the price.
 fn run(
-    io: IdleIo,
+    io: PrefixedIo<TcpStream>,
     svc: ConnService<HttpStack>,
+    state: Arc<ConnState>,
     cfg: &Http1Config,
-) -> Pin<Box<dyn Future<Output = hyper::Result<Parts>> + Send>> {
+    drain: watch::Receiver<bool>,
+) -> Pin<Box<dyn Future<Output = Ended> + Send>> {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout)
         .max_buf_size(cfg.max_header_bytes);
-    let conn: Conn = builder.serve_connection(TokioIo::new(io), svc);
-    Box::pin(conn.without_shutdown())
+    Box::pin(Http1 {
+        conn: Some(builder.serve_connection(TokioIo::new(io), svc)),
+        state,
+        drain: WatchStream::from_changes(drain),
+        park_after: cfg.park_after,
+        timer: Box::pin(tokio::time::sleep(cfg.park_after)),
+        seen: None,
+        asked: None,
+    })
 }
 
-/// The connection's socket as hyper sees it: reports end of stream when the connection
-/// has idled long enough to park, or is idle while draining (see the module docs).
-pub(super) struct IdleIo {
-    io: PrefixedIo<TcpStream>,
+/// A hyper HTTP/1 connection that baton can end at a message boundary.
+struct Http1 {
+    conn: Option<Conn>,
     state: Arc<ConnState>,
     drain: WatchStream<bool>,
     park_after: Duration,
-    last_read: Instant,
-    /// Armed at the first idle poll; on expiry it re-arms itself if reads happened
-    /// since (so a busy connection resets it at most once per `park_after`).
-    timer: Option<Pin<Box<Sleep>>>,
-    ended: Ended,
+    timer: Pin<Box<Sleep>>,
+    /// At the last timer expiry: requests started so far, if the connection was idle.
+    seen: Option<usize>,
+    asked: Option<Asked>,
 }
 
-impl IdleIo {
-    fn new(
-        io: PrefixedIo<TcpStream>,
-        state: Arc<ConnState>,
-        drain: watch::Receiver<bool>,
-        park_after: Duration,
-    ) -> Self {
-        Self {
-            io,
-            state,
-            drain: WatchStream::from_changes(drain),
-            park_after,
-            last_read: Instant::now(),
-            timer: None,
-            ended: Ended::Hyper,
+impl Http1 {
+    fn ask(&mut self, why: Asked) {
+        if self.asked.is_none() {
+            self.asked = Some(why);
+            if let Some(conn) = self.conn.as_mut() {
+                Pin::new(conn).graceful_shutdown();
+            }
         }
     }
 
-    /// Whether to end the stream now (the socket has no data).
-    ///
-    /// The timer is armed whenever hyper waits for data, busy or not: the exchange may
-    /// finish (its response body dropped) without hyper reading again, so the timer is
-    /// what comes back to check. It is reset at most once per `park_after`.
-    fn poll_end(&mut self, cx: &mut Context<'_>) -> bool {
+    /// Checks the drain signal and the idle timer.
+    fn poll_signals(&mut self, cx: &mut Context<'_>) {
         if !self.state.draining() && self.drain.poll_next_unpin(cx).is_ready() {
             self.state.set_draining();
         }
-        if self.state.draining() && self.state.idle() {
-            self.ended = Ended::Drain;
-            return true;
+        // Before its first request is parsed, a connection would close without
+        // answering it: let that request be answered (with `connection: close`).
+        if self.state.draining() && self.state.started() > 0 {
+            self.ask(Asked::Drain);
         }
-        let deadline = self.last_read + self.park_after;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        loop {
-            if timer.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            let now = Instant::now();
-            if now >= deadline && self.state.idle() {
-                self.ended = Ended::Idle;
-                return true;
-            }
-            // Reads happened since it was armed, or an exchange is still running.
-            timer.as_mut().reset(if now >= deadline {
-                now + self.park_after
+        while self.asked.is_none() && self.timer.as_mut().poll(cx).is_ready() {
+            // Idle now, and already idle with the same requests at the last expiry.
+            let now = self.state.idle().then(|| self.state.started());
+            if now.is_some() && now == self.seen {
+                self.ask(Asked::Park);
             } else {
-                deadline
-            });
-        }
-    }
-}
-
-impl AsyncRead for IdleIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        match Pin::new(&mut self.io).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
-                    self.last_read = Instant::now();
-                    self.state.mark_partial();
-                }
-                Poll::Ready(Ok(()))
+                self.seen = now;
+                let next = tokio::time::Instant::now() + self.park_after;
+                self.timer.as_mut().reset(next);
             }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            // Nothing to read. Ending the stream here reads as a clean close to hyper.
-            Poll::Pending if self.poll_end(cx) => Poll::Ready(Ok(())),
-            Poll::Pending => Poll::Pending,
         }
     }
 }
 
-impl AsyncWrite for IdleIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
+impl Future for Http1 {
+    type Output = Ended;
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        this.poll_signals(cx);
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Pending;
+        };
+        if let Err(e) = ready!(conn.poll_without_shutdown(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        match this.conn.take() {
+            Some(conn) => Poll::Ready(Ok((conn.into_parts(), this.asked))),
+            None => Poll::Pending,
+        }
     }
 }

@@ -28,10 +28,19 @@ use std::{
 };
 use tokio::net::TcpListener;
 
-/// A free loopback port (bound then released; collisions are unlikely enough).
+/// A free loopback port: bound then released, and never handed out twice by this
+/// process (the kernel may offer a just-released port again at once).
 pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+    }
 }
 
 /// A running baton process.
@@ -202,6 +211,7 @@ pub struct Upstream {
     /// Its name.
     pub name: &'static str,
     hits: Arc<AtomicUsize>,
+    conns: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -216,12 +226,14 @@ impl Upstream {
     pub fn serve(listener: TcpListener, name: &'static str, behaviour: Behaviour) -> Upstream {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
-        let h = hits.clone();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let (h, c) = (hits.clone(), conns.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                c.fetch_add(1, Ordering::SeqCst);
                 let (h, b) = (h.clone(), behaviour.clone());
                 let h2_only = b.h2_only;
                 tokio::spawn(async move {
@@ -246,6 +258,7 @@ impl Upstream {
             addr,
             name,
             hits,
+            conns,
             task,
         }
     }
@@ -253,6 +266,11 @@ impl Upstream {
     /// Requests served so far.
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
     }
 
     /// Stops accepting (the port then refuses connections).

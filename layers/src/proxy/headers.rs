@@ -16,8 +16,9 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers, including any named in `Connection`. `TE: trailers` is
-/// kept (gRPC needs it end to end); other `TE` values are dropped.
+/// Removes hop-by-hop headers, including any named in any `Connection` line. `TE`
+/// survives only as `te: trailers` (gRPC needs it end to end, HTTP/2 allows nothing
+/// else); any other `TE` is dropped.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names first: most messages carry no hop-by-hop header at all,
     // and a scan of standard names is much cheaper than nine hashed removals.
@@ -29,25 +30,28 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     // Headers listed in `Connection` are hop-by-hop too; usually there are none, so
     // only allocate when there are.
-    if let Some(listed) = headers.get(header::CONNECTION) {
-        let names: Vec<HeaderName> = listed
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for name in names {
-            headers.remove(name);
-        }
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    if let Some(te) = headers.get(header::TE) {
-        if te.as_bytes().eq_ignore_ascii_case(b"trailers") {
-            return;
-        }
+    if headers.contains_key(header::TE) {
+        let trailers_only = headers
+            .get_all(header::TE)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or(",").split(','))
+            .all(|t| t.trim().eq_ignore_ascii_case("trailers"));
         headers.remove(header::TE);
+        if trailers_only {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
 }
 
@@ -61,21 +65,41 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientInfo) {
     append(headers, header::FORWARDED, &client.forwarded);
 }
 
+/// Joins every existing value of `name` and `value` into one comma-separated line, as
+/// proxies conventionally do (RFC 9110 §5.3 makes the forms equivalent).
 fn append(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
     match headers.entry(name) {
         header::Entry::Vacant(e) => {
             e.insert(value.clone());
         }
         header::Entry::Occupied(mut e) => {
-            // Join into one comma-separated line, as proxies conventionally do.
-            let mut joined = Vec::with_capacity(e.get().len() + 2 + value.len());
-            joined.extend_from_slice(e.get().as_bytes());
-            joined.extend_from_slice(b", ");
+            let mut joined = Vec::new();
+            for v in e.iter() {
+                joined.extend_from_slice(v.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
             joined.extend_from_slice(value.as_bytes());
             if let Ok(v) = HeaderValue::from_bytes(&joined) {
                 e.insert(v);
             }
         }
+    }
+}
+
+/// Joins `cookie` lines into one, as HTTP/2 requests may split them but HTTP/1
+/// requires a single line (RFC 9113 §8.2.3).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (cookies.next(), cookies.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
     }
 }
 
@@ -98,9 +122,35 @@ mod tests {
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
         let mut grpc = HeaderMap::new();
-        grpc.insert("te", "trailers".parse().unwrap());
+        grpc.insert("te", "Trailers".parse().unwrap());
         remove_hop_by_hop(&mut grpc);
-        assert_eq!(grpc["te"], "trailers");
+        assert_eq!(grpc["te"], "trailers", "kept, lower-cased for HTTP/2");
+    }
+
+    #[test]
+    fn every_connection_line_counts() {
+        let mut h = HeaderMap::new();
+        h.append("connection", "keep-alive".parse().unwrap());
+        h.append("connection", "x-hop".parse().unwrap());
+        h.insert("x-hop", "1".parse().unwrap());
+        h.append("te", "trailers".parse().unwrap());
+        h.append("te", "gzip".parse().unwrap());
+        remove_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn cookies_are_joined_for_http1() {
+        let mut h = HeaderMap::new();
+        h.append("cookie", "a=1".parse().unwrap());
+        h.append("cookie", "b=2".parse().unwrap());
+        join_cookies(&mut h);
+        assert_eq!(h.get_all("cookie").iter().count(), 1);
+        assert_eq!(h["cookie"], "a=1; b=2");
+        let mut one = HeaderMap::new();
+        one.insert("cookie", "a=1".parse().unwrap());
+        join_cookies(&mut one);
+        assert_eq!(one["cookie"], "a=1");
     }
 
     #[test]
@@ -114,8 +164,10 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
         assert_eq!(h["forwarded"], "for=10.0.0.9;proto=http");
         let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", "192.0.2.1".parse().unwrap());
+        h.append("x-forwarded-for", "192.0.2.1".parse().unwrap());
+        h.append("x-forwarded-for", "192.0.2.2".parse().unwrap());
         add_forwarded(&mut h, &client);
-        assert_eq!(h["x-forwarded-for"], "192.0.2.1, 10.0.0.9");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1, 192.0.2.2, 10.0.0.9");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
     }
 }

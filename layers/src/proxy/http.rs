@@ -10,25 +10,32 @@
 //! client's (HTTP/2 in, HTTP/2 with prior knowledge out), `http1`/`http2` force one, so
 //! an HTTP/2 client can reach an HTTP/1-only application and the reverse.
 //!
-//! Always ready: the pool opens connections on demand. Failures are typed:
+//! HTTP/1 goes through hyper-util's pooled client. HTTP/2 multiplexes every request
+//! to an endpoint over one connection ([`H2Conn`]), opened on demand and replaced when
+//! it closes: a pool keyed by `:authority` would open a connection per distinct Host a
+//! client sends.
+//!
+//! Always ready: connections are opened on demand. Failures are typed:
 //! [`ConnectError`](crate::errors::ConnectError) when no connection could be made (the
 //! request was not sent; retryable), [`UpstreamError`] otherwise.
 
 use super::{
-    connect::{ConnectConfig, Connector},
+    connect::{connect, ConnectConfig, Connector},
     headers,
 };
 use crate::{
     body::Body,
-    errors::UpstreamError,
+    errors::{ConnectError, UpstreamError},
     new_service::NewService,
     target::{ClientInfo, Endpoint, UpstreamProtocol},
     Error,
 };
+use arc_swap::ArcSwapOption;
 use http::{header, uri, HeaderValue, Request, Response, Uri, Version};
+use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::{
     client::legacy::{self, Client},
-    rt::{TokioExecutor, TokioTimer},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
 };
 use pin_project_lite::pin_project;
 use std::{
@@ -88,13 +95,17 @@ impl NewService<Endpoint> for NewHttpProxy {
             .pool_max_idle_per_host(self.cfg.pool_max_idle)
             // baton writes Host itself (the client's), never the endpoint's address.
             .set_host(false);
-        let h1 = builder.build(connector.clone());
-        let h2 = builder.http2_only(true).build(connector);
+        let h1 = builder.build(connector);
         let authority = uri::Authority::try_from(endpoint.addr.to_string().as_str())
             .expect("a socket address is a valid authority");
         HttpProxy {
             h1,
-            h2,
+            h2: Arc::new(H2Conn {
+                addr: endpoint.addr,
+                cfg: self.cfg.connect.clone(),
+                sender: ArcSwapOption::empty(),
+                connecting: tokio::sync::Mutex::new(()),
+            }),
             addr: endpoint.addr,
             authority,
             upstream: endpoint.logical.upstream,
@@ -106,7 +117,7 @@ impl NewService<Endpoint> for NewHttpProxy {
 #[derive(Clone, Debug)]
 pub struct HttpProxy {
     h1: Client<Connector, Body>,
-    h2: Client<Connector, Body>,
+    h2: Arc<H2Conn>,
     addr: SocketAddr,
     authority: uri::Authority,
     upstream: UpstreamProtocol,
@@ -144,6 +155,7 @@ impl HttpProxy {
                 .or_else(|| Some(self.authority.clone()));
             parts.version = Version::HTTP_2;
         } else {
+            headers::join_cookies(&mut parts.headers);
             if !parts.headers.contains_key(header::HOST) {
                 // From HTTP/2 (or an HTTP/1.0 client without Host): name the host.
                 let host = client_authority.as_ref().unwrap_or(&self.authority);
@@ -177,9 +189,13 @@ impl Service<Request<Body>> for HttpProxy {
         };
         let req = self.prepare(req);
         let inner = if req.version() == Version::HTTP_2 {
-            self.h2.request(req)
+            Inner::H2 {
+                inner: self.h2.clone().send(req),
+            }
         } else {
-            self.h1.request(req)
+            Inner::H1 {
+                inner: self.h1.request(req),
+            }
         };
         ResponseFuture {
             inner,
@@ -189,11 +205,78 @@ impl Service<Request<Body>> for HttpProxy {
     }
 }
 
+/// One multiplexed HTTP/2 connection to an endpoint.
+#[derive(Debug)]
+pub struct H2Conn {
+    addr: SocketAddr,
+    cfg: Arc<ConnectConfig>,
+    sender: ArcSwapOption<http2::SendRequest<Body>>,
+    /// Serializes opening a connection; never held while sending.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+type H2Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, Error>> + Send>>;
+
+impl H2Conn {
+    /// The live connection's sender, if any.
+    fn live(&self) -> Option<http2::SendRequest<Body>> {
+        self.sender
+            .load()
+            .as_deref()
+            .filter(|s| !s.is_closed())
+            .cloned()
+    }
+
+    async fn sender(&self) -> Result<http2::SendRequest<Body>, Error> {
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let _opening = self.connecting.lock().await;
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let stream = connect(self.addr, &self.cfg).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(20)))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .handshake::<_, Body>(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError {
+                addr: self.addr,
+                source: e.into(),
+            })?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%addr, %error, "HTTP/2 upstream connection ended");
+            }
+        });
+        self.sender.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
+    }
+
+    fn send(self: Arc<Self>, req: Request<Body>) -> H2Future {
+        Box::pin(async move {
+            let mut sender = self.sender().await?;
+            sender.send_request(req).await.map_err(Into::into)
+        })
+    }
+}
+
+pin_project! {
+    #[project = InnerProj]
+    enum Inner {
+        H1 { #[pin] inner: legacy::ResponseFuture },
+        H2 { inner: H2Future },
+    }
+}
+
 pin_project! {
     /// Response future of [`HttpProxy`].
     pub struct ResponseFuture {
         #[pin]
-        inner: legacy::ResponseFuture,
+        inner: Inner,
         addr: SocketAddr,
         downstream: Version,
     }
@@ -204,16 +287,23 @@ impl Future for ResponseFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        match ready!(this.inner.poll(cx)) {
+        let result: Result<Response<Incoming>, Error> = match this.inner.project() {
+            InnerProj::H1 { inner } => ready!(inner.poll(cx)).map_err(Into::into),
+            InnerProj::H2 { inner } => ready!(inner.as_mut().poll(cx)),
+        };
+        match result {
             Ok(rsp) => {
                 let (mut parts, body) = rsp.into_parts();
                 headers::remove_hop_by_hop(&mut parts.headers);
                 parts.version = *this.downstream;
                 Poll::Ready(Ok(Response::from_parts(parts, Body::Incoming(body))))
             }
+            // Typed failures (connect errors, already-wrapped upstream errors) pass as
+            // they are; anything else is the upstream's.
+            Err(e) if e.is::<ConnectError>() || e.is::<UpstreamError>() => Poll::Ready(Err(e)),
             Err(e) => Poll::Ready(Err(UpstreamError {
                 addr: *this.addr,
-                source: e.into(),
+                source: e,
             }
             .into())),
         }

@@ -1,0 +1,236 @@
+//! HTTP/1 connection handling against raw sockets: idle parking never cuts, splits or
+//! misreads a message — early responses, pipelining, slow readers, slow heads.
+
+mod support;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use support::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+/// A raw upstream: records request lines; answers a POST at once without reading its
+/// body, and anything else with its path.
+async fn raw_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 65536];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let line = head.lines().next().unwrap_or("").to_string();
+                        record.lock().unwrap().push(line.clone());
+                        if line.starts_with("POST") {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
+                                .await;
+                            // Keep reading and discarding: the body is not wanted.
+                            while s.read(&mut chunk).await.unwrap_or(0) > 0 {}
+                            return;
+                        }
+                        let path = line.split(' ').nth(1).unwrap_or("/").to_string();
+                        let rsp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
+                            path.len()
+                        );
+                        if s.write_all(rsp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+async fn baton(up: std::net::SocketAddr, park: &str) -> Baton {
+    Baton::start(&[
+        ("BATON_ROUTES", "*=web"),
+        ("BATON_STATIC_SERVICES", &format!("web={up}")),
+        ("BATON_IDLE_PARK", park),
+        ("BATON_RETRIES", "0"),
+    ])
+    .await
+}
+
+/// Reads one response with a content-length body; `None` when the connection closed
+/// or nothing came within `wait`.
+async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>, wait: Duration) -> Option<String> {
+    let mut chunk = [0u8; 65536];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                buf.drain(..end + 4 + len);
+                return Some(body);
+            }
+        }
+        match tokio::time::timeout(wait, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_still_arriving_after_an_early_response_is_never_read_as_a_request() {
+    let (up, seen) = raw_upstream().await;
+    let baton = baton(up, "100ms").await;
+    let smuggled = b"GET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n";
+    let mut s = TcpStream::connect(baton.addr).await.unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: web\r\nContent-Length: {}\r\n\r\n",
+        10 + smuggled.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(b"0123456789").await.unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(
+        read_response(&mut s, &mut buf, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("early")
+    );
+    // Pause well past the park time, then send the rest of the body: it looks like a
+    // request, but it is body.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let _ = s.write_all(smuggled).await;
+    let after = read_response(&mut s, &mut buf, Duration::from_millis(800)).await;
+    assert_eq!(
+        after, None,
+        "the body's remainder was answered as a request"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(*seen.lock().unwrap(), ["POST /upload HTTP/1.1"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipelined_request_split_across_the_park_time_is_answered() {
+    let (up, seen) = raw_upstream().await;
+    let baton = baton(up, "100ms").await;
+    let mut s = TcpStream::connect(baton.addr).await.unwrap();
+    // The first request and the start of the second in one write.
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: web\r\n\r\nGET /second HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(
+        read_response(&mut s, &mut buf, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("/first")
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(b"st: web\r\n\r\n").await.unwrap();
+    assert_eq!(
+        read_response(&mut s, &mut buf, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("/second")
+    );
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["GET /first HTTP/1.1", "GET /second HTTP/1.1"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_readers_get_whole_bodies() {
+    let up = Upstream::start("web", Behaviour::default()).await;
+    let baton = Baton::start(&[
+        ("BATON_ROUTES", "*=web"),
+        ("BATON_STATIC_SERVICES", &format!("web={}", up.addr)),
+        ("BATON_IDLE_PARK", "300ms"),
+        ("BATON_WORKERS", "1"),
+    ])
+    .await;
+    // Clients that ask, then stop reading for longer than the park time while baton
+    // holds what the small receive buffer could not take.
+    let addr = baton.addr;
+    let trials: Vec<_> = (0..16usize)
+        .map(|i| {
+            let n = (64 << 10) + i * (192 << 10);
+            tokio::spawn(async move {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.set_recv_buffer_size(32 << 10).unwrap();
+                let mut s = socket.connect(addr).await.unwrap();
+                s.write_all(format!("GET /bytes/{n} HTTP/1.1\r\nHost: web\r\n\r\n").as_bytes())
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let mut got = Vec::new();
+                let mut chunk = vec![0u8; 1 << 20];
+                let body = loop {
+                    let read =
+                        tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await;
+                    let k = read.unwrap_or(Ok(0)).unwrap_or(0);
+                    got.extend_from_slice(&chunk[..k]);
+                    let start = got.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+                    match start {
+                        Some(b) if got.len() - b >= n || k == 0 => break got[b..].to_vec(),
+                        None if k == 0 => break Vec::new(),
+                        _ => {}
+                    }
+                };
+                (n, sha256(&body) == sha256(&pattern(n)), body.len())
+            })
+        })
+        .collect();
+    for t in trials {
+        let (n, intact, len) = t.await.unwrap();
+        assert!(intact, "a {n}-byte body arrived as {len} bytes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parked_connection_closes_at_shutdown_and_an_unparsed_first_request_is_answered() {
+    let (up, _) = raw_upstream().await;
+    let mut baton = baton(up, "50ms").await;
+    // A connection that idles into the parked state.
+    let mut parked = TcpStream::connect(baton.addr).await.unwrap();
+    parked
+        .write_all(b"GET /a HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    assert!(read_response(&mut parked, &mut buf, Duration::from_secs(5))
+        .await
+        .is_some());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(metric(&baton.metrics().await, "baton_idle_parks_total") >= 1.0);
+    baton.signal("TERM");
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), parked.read_to_end(&mut rest))
+        .await
+        .expect("closed");
+    assert_eq!(n.unwrap_or(0), 0, "a parked connection just closes");
+    let exit = tokio::task::spawn_blocking(move || baton.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
