@@ -234,3 +234,77 @@ async fn a_parked_connection_closes_at_shutdown_and_an_unparsed_first_request_is
         .unwrap();
     assert_eq!(exit.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrades_become_tunnels_and_connect_is_refused() {
+    // An endpoint that accepts an upgrade, then echoes bytes upper-cased.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                assert!(head.contains("connection: upgrade"), "{head}");
+                assert!(head.contains("upgrade: websocket"), "{head}");
+                s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    let upper: Vec<u8> = buf[..n].to_ascii_uppercase();
+                    if s.write_all(&upper).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let baton = baton(up, "50ms").await;
+    let mut s = TcpStream::connect(baton.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).await.unwrap(), 1);
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    // Longer than the park time: a tunnel is never parked.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for word in [&b"hello"[..], b"tunnel"] {
+        s.write_all(word).await.unwrap();
+        let mut echo = vec![0u8; word.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo, word.to_ascii_uppercase());
+    }
+
+    let mut c = TcpStream::connect(baton.addr).await.unwrap();
+    c.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let got = read_response(&mut c, &mut buf, Duration::from_secs(5)).await;
+    assert_eq!(got.as_deref(), Some("CONNECT is not supported\n"));
+}

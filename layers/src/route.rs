@@ -225,6 +225,15 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
+        if req.method() == http::Method::CONNECT {
+            // A sidecar is not a forward proxy.
+            let rsp = errors::response(
+                StatusCode::NOT_IMPLEMENTED,
+                "connect-unsupported",
+                "CONNECT is not supported".to_string(),
+            );
+            return RouteFuture::Answered { rsp: Some(rsp) };
+        }
         let port = req
             .extensions()
             .get::<ClientInfo>()
@@ -249,7 +258,7 @@ where
                     host.unwrap_or(""),
                     req.uri().path()
                 );
-                RouteFuture::NotFound {
+                RouteFuture::Answered {
                     rsp: Some(errors::response(StatusCode::NOT_FOUND, "no-route", line)),
                 }
             }
@@ -267,8 +276,8 @@ pin_project! {
             #[pin]
             inner: Oneshot<S, Request<Body>>,
         },
-        /// Answering 404.
-        NotFound {
+        /// Answered here (404, 501).
+        Answered {
             rsp: Option<Response<Body>>,
         },
     }
@@ -283,7 +292,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             RouteProj::Routed { inner } => inner.poll(cx),
-            RouteProj::NotFound { rsp } => {
+            RouteProj::Answered { rsp } => {
                 Poll::Ready(rsp.take().ok_or_else(|| "polled after completion".into()))
             }
         }

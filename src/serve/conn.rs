@@ -4,14 +4,14 @@ use baton_layers::{body::Body, errors, target::ClientInfo, Error};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Frame, SizeHint};
-use hyper::body::Incoming;
+use hyper::{body::Incoming, upgrade::OnUpgrade};
 use std::{
     convert::Infallible,
     future::Future,
     pin::Pin,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     task::{ready, Context, Poll},
 };
@@ -26,6 +26,8 @@ pub(super) struct ConnState {
     active: AtomicUsize,
     /// Shutdown has begun: answer what is in flight with `connection: close`.
     draining: AtomicBool,
+    /// The endpoint's side of an upgrade answered 101: the connection becomes a tunnel.
+    upgrade: Mutex<Option<OnUpgrade>>,
 }
 
 impl ConnState {
@@ -44,6 +46,14 @@ impl ConnState {
     /// Requests received so far.
     pub(super) fn started(&self) -> usize {
         self.started.load(Ordering::Acquire)
+    }
+
+    /// The endpoint's side of a switched connection, if a 101 went out.
+    pub(super) fn take_upgrade(&self) -> Option<OnUpgrade> {
+        self.upgrade
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     pub(super) fn set_draining(&self) {
@@ -128,6 +138,13 @@ where
             }
         };
         let state = this.state.take();
+        if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            // Keep the endpoint's connection for the tunnel (see `http1::serve`).
+            if let (Some(state), true) = (&state, *this.http1) {
+                let upstream = hyper::upgrade::on(&mut rsp);
+                *state.upgrade.lock().unwrap_or_else(|e| e.into_inner()) = Some(upstream);
+            }
+        }
         if *this.http1 && state.as_ref().is_some_and(|s| s.draining()) {
             rsp.headers_mut().insert(
                 http::header::CONNECTION,

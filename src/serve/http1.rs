@@ -12,6 +12,9 @@
 //! bytes. hyper does all HTTP framing, so nothing is cut or misread: a connection that
 //! turns out to be busy when asked just finishes its exchange first.
 //!
+//! It also carries upgrades: after a 101, hyper hands the socket back the same way and
+//! baton joins it to the endpoint's upgraded connection (a WebSocket tunnel).
+//!
 //! The same seam implements graceful shutdown: when the drain signal fires, hyper is
 //! asked to finish (an idle connection closes at once, a busy one answers its request
 //! with `connection: close` first). A connection whose first request baton has read
@@ -21,6 +24,7 @@ use super::conn::{ConnService, ConnState};
 use crate::stack::HttpStack;
 use baton_layers::{io::PrefixedIo, metrics::Counter, Error};
 use futures_util::StreamExt;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::{
     future::Future,
@@ -64,6 +68,16 @@ pub(super) async fn serve(
 ) -> Result<(), Error> {
     loop {
         let (parts, asked) = run(io, svc.clone(), state.clone(), cfg, drain.clone()).await?;
+        if let Some(upstream) = state.take_upgrade() {
+            // A 101 went out: the connection is now a tunnel to the endpoint.
+            let (rest, stream) = parts.io.into_inner().into_parts();
+            let prefix = if parts.read_buf.is_empty() {
+                rest
+            } else {
+                parts.read_buf
+            };
+            return tunnel(PrefixedIo::new(prefix, stream), upstream).await;
+        }
         if asked != Some(Asked::Park) || state.draining() || *drain.borrow() {
             // hyper ended it (client closed, keep-alive off) or shutdown did: close.
             return Ok(());
@@ -87,6 +101,18 @@ pub(super) async fn serve(
         }
         io = PrefixedIo::new(prefix, stream);
     }
+}
+
+/// Copies both ways between the client and the endpoint's upgraded connection.
+async fn tunnel(mut client: PrefixedIo<TcpStream>, upstream: OnUpgrade) -> Result<(), Error> {
+    let mut upstream = TokioIo::new(upstream.await?);
+    let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    tracing::debug!(
+        to_upstream = up,
+        to_client = down,
+        "upgraded connection done"
+    );
+    Ok(())
 }
 
 type Conn =

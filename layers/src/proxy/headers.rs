@@ -55,6 +55,26 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The protocol an HTTP/1 message asks to switch to (`Upgrade`, with `upgrade` listed
+/// in `Connection`), e.g. `websocket`.
+pub fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asked = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asked
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Marks a message as an upgrade to `protocol` (after hop-by-hop removal took the
+/// original headers away).
+pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
 /// Appends the client to `x-forwarded-for` and `forwarded`.
 pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientInfo) {
     append(

@@ -6,6 +6,11 @@
 //! (the upstream sees the name the client used); hop-by-hop headers are removed both
 //! ways; `x-forwarded-for` and `forwarded` are added.
 //!
+//! An HTTP/1 upgrade request (WebSocket) keeps its `Connection: upgrade` and `Upgrade`
+//! headers towards an HTTP/1 endpoint; when the endpoint answers 101, the response
+//! carries hyper's upgrade handle for the endpoint's connection, and the server side
+//! joins the two connections into a tunnel. CONNECT is refused by the router.
+//!
 //! The upstream HTTP version follows the logical service's setting: `auto` keeps the
 //! client's (HTTP/2 in, HTTP/2 with prior knowledge out), `http1`/`http2` force one, so
 //! an HTTP/2 client can reach an HTTP/1-only application and the reverse.
@@ -127,6 +132,7 @@ impl HttpProxy {
     /// Rewrites a client's request into the request sent upstream.
     fn prepare(&self, req: Request<Body>) -> Request<Body> {
         let (mut parts, body) = req.into_parts();
+        let upgrade = headers::upgrade_of(&parts.headers);
         headers::remove_hop_by_hop(&mut parts.headers);
         if let Some(client) = parts.extensions.get::<ClientInfo>() {
             headers::add_forwarded(&mut parts.headers, client);
@@ -155,6 +161,11 @@ impl HttpProxy {
                 .or_else(|| Some(self.authority.clone()));
             parts.version = Version::HTTP_2;
         } else {
+            // An HTTP/1 upgrade (WebSocket) is passed on; the connection then becomes a
+            // tunnel if the endpoint agrees (101).
+            if let Some(protocol) = upgrade {
+                headers::set_upgrade(&mut parts.headers, protocol);
+            }
             headers::join_cookies(&mut parts.headers);
             if !parts.headers.contains_key(header::HOST) {
                 // From HTTP/2 (or an HTTP/1.0 client without Host): name the host.
@@ -294,7 +305,15 @@ impl Future for ResponseFuture {
         match result {
             Ok(rsp) => {
                 let (mut parts, body) = rsp.into_parts();
+                let upgrade = (parts.status == http::StatusCode::SWITCHING_PROTOCOLS)
+                    .then(|| headers::upgrade_of(&parts.headers))
+                    .flatten();
                 headers::remove_hop_by_hop(&mut parts.headers);
+                // A 101 keeps its upgrade headers, and hyper's upgrade handle for the
+                // endpoint's side rides along in the extensions to the server side.
+                if let Some(protocol) = upgrade {
+                    headers::set_upgrade(&mut parts.headers, protocol);
+                }
                 parts.version = *this.downstream;
                 Poll::Ready(Ok(Response::from_parts(parts, Body::Incoming(body))))
             }
