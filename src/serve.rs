@@ -22,7 +22,7 @@ use self::{
     conn::{ConnService, ConnState},
     http1::Http1Config,
 };
-use crate::stack::Stacks;
+use crate::stack::{HttpStack, Stacks};
 use baton_layers::{
     detect::{self, DetectError, Detected},
     io::PrefixedIo,
@@ -143,24 +143,12 @@ impl Server {
                     let _ = stream.shutdown().await;
                     return Ok(());
                 }
-                let state = Arc::new(ConnState::default());
-                let svc = ConnService::new(
-                    self.stacks.http.clone(),
-                    ClientInfo::new(accept),
-                    state.clone(),
-                );
-                let io = PrefixedIo::new(buf.freeze(), stream);
+                let (io, svc, state) = self.http_conn(stream, buf, accept);
                 http1::serve(io, svc, state, &self.http1, drain).await
             }
             Detected::Http2 => {
                 g.connections_http2.incr();
-                let state = Arc::new(ConnState::default());
-                let svc = ConnService::new(
-                    self.stacks.http.clone(),
-                    ClientInfo::new(accept),
-                    state.clone(),
-                );
-                let io = PrefixedIo::new(buf.freeze(), stream);
+                let (io, svc, state) = self.http_conn(stream, buf, accept);
                 http2::serve(io, svc, state, self.cfg.header_read_timeout, drain)
                     .await
                     .map_err(Into::into)
@@ -170,6 +158,24 @@ impl Server {
                 self.serve_opaque(stream, &buf, accept).await
             }
         }
+    }
+
+    /// What an HTTP connection is served with: the socket replaying what detection
+    /// read, the per-connection service, and the connection's accounting.
+    fn http_conn(
+        &self,
+        stream: TcpStream,
+        read: BytesMut,
+        accept: Accept,
+    ) -> (
+        PrefixedIo<TcpStream>,
+        ConnService<HttpStack>,
+        Arc<ConnState>,
+    ) {
+        let state = Arc::new(ConnState::default());
+        let info = ClientInfo::new(accept);
+        let svc = ConnService::new(self.stacks.http.clone(), info, state.clone());
+        (PrefixedIo::new(read.freeze(), stream), svc, state)
     }
 
     async fn serve_opaque(

@@ -589,6 +589,28 @@ async fn version_is_http11_towards_http1_clients() {
     let _ = Version::HTTP_11;
 }
 
+/// Sends `GET path` on `s` and reads the test upstream's answer (its body is "web").
+async fn exchange(s: &mut TcpStream, path: &str) -> String {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"web") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(got).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_keep_alive_connections_park_and_resume() {
     let up = Upstream::start("web", Behaviour::default()).await;
@@ -600,31 +622,8 @@ async fn idle_keep_alive_connections_park_and_resume() {
     ])
     .await;
     let mut s = TcpStream::connect(baton.addr).await.unwrap();
-    let exchange = |path: &'static str| {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n");
-        async move {
-            s.write_all(req.as_bytes()).await.unwrap();
-            let mut buf = vec![0u8; 65536];
-            let mut got = Vec::new();
-            // Read until the body (its length is known from the path) is complete.
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"web") {
-                let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                assert!(
-                    n > 0,
-                    "connection closed: {}",
-                    String::from_utf8_lossy(&got)
-                );
-                got.extend_from_slice(&buf[..n]);
-            }
-            (s, String::from_utf8(got).unwrap())
-        }
-    };
-    let (s1, first) = exchange("/one").await;
-    assert!(first.starts_with("HTTP/1.1 200 OK"));
-    s = s1;
+    let first = exchange(&mut s, "/one").await;
+    assert!(first.starts_with("HTTP/1.1 200 OK"), "{first}");
     tokio::time::sleep(Duration::from_millis(400)).await;
     let m = baton.metrics().await;
     assert!(
@@ -632,25 +631,7 @@ async fn idle_keep_alive_connections_park_and_resume() {
         "the idle connection was parked"
     );
     // The parked connection serves the next request.
-    let exchange2 = |path: &'static str| {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n");
-        let mut s = s;
-        async move {
-            s.write_all(req.as_bytes()).await.unwrap();
-            let mut buf = vec![0u8; 65536];
-            let mut got = Vec::new();
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"web") {
-                let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                assert!(n > 0, "parked connection closed");
-                got.extend_from_slice(&buf[..n]);
-            }
-            (s, String::from_utf8(got).unwrap())
-        }
-    };
-    let (mut s, second) = exchange2("/two").await;
+    let second = exchange(&mut s, "/two").await;
     assert!(second.starts_with("HTTP/1.1 200 OK"), "{second}");
 
     // A head that arrives slowly, across more than the park time, is not cut.
