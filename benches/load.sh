@@ -6,18 +6,20 @@
 #                     |-- bridge ns br0 -|                   haproxy :8081, nginx :8082
 #                     |                  +--veth-- backend ns: nginx :8080 serving /1k /64k /1m
 #
-# For each target (direct = client -> backend nginx, baton, haproxy, nginx) and each
-# size it runs a throughput test (wrk -t2 -c32 -d8s) and a latency test
-# (wrk -t1 -c1 -d4s --latency), measures the proxy's CPU seconds per 10k requests,
-# and measures RSS with 10,000 idle keep-alive client connections. Results are printed
-# and written to the "## Proxy mode (benches/load.sh)" section of benches/RESULTS.md
-# (other sections of that file are kept). See benches/README.md.
+# For each size it does RUNS rounds (3 by default); in each round every target (direct =
+# client -> backend nginx, baton, haproxy, nginx) gets a warm-up, a throughput test
+# (wrk -t2 -c32 -d8s) and a latency test (wrk -t1 -c1 -d4s --latency), so the targets
+# are interleaved. It measures the proxy's CPU seconds per 10k requests, reports the
+# median of each figure over the runs (with the per-run values), and measures RSS with
+# 10,000 idle keep-alive client connections once per proxy. Results are printed and
+# written to the "## Proxy mode (benches/load.sh)" section of benches/RESULTS.md (other
+# sections of that file are kept). See benches/README.md.
 #
 # Run as root:  sudo benches/load.sh        smoke test:  sudo QUICK=1 benches/load.sh
 # Environment (defaults in brackets):
-#   DURATION [8]  LAT_DURATION [4]  WARMUP [2]  WRK_THREADS [2]  WRK_CONNS [32]
+#   RUNS [3]  DURATION [8]  LAT_DURATION [4]  WARMUP [2]  WRK_THREADS [2]  WRK_CONNS [32]
 #   SIZES ["1k 64k 1m"]  TARGETS ["direct baton haproxy nginx"]
-#   QUICK [0]  (1: DURATION=2 LAT_DURATION=2 WARMUP=1 IDLE_CONNS=2000 unless set)
+#   QUICK [0]  (1: RUNS=1 DURATION=2 LAT_DURATION=2 WARMUP=1 IDLE_CONNS=2000 unless set)
 #   MEMORY [1]  IDLE_CONNS [10000]  PEER_IDLE_CONNS [min(IDLE_CONNS, 3500)]
 #   RESULTS [benches/RESULTS.md]  WRITE_RESULTS [1]  NOFILE [65536]  SUBNET [10.99.0]
 #   BATON_BIN [target/release/baton, built with cargo build --release]  SKIP_BUILD [0]
@@ -30,10 +32,11 @@ ROOT=$(cd "$BENCH_DIR/.." && pwd)
 
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
-    def_dur=2 def_lat=2 def_warm=1 def_idle=2000
+    def_runs=1 def_dur=2 def_lat=2 def_warm=1 def_idle=2000
 else
-    def_dur=8 def_lat=4 def_warm=2 def_idle=10000
+    def_runs=3 def_dur=8 def_lat=4 def_warm=2 def_idle=10000
 fi
+RUNS=${RUNS:-$def_runs}
 DURATION=${DURATION:-$def_dur}
 LAT_DURATION=${LAT_DURATION:-$def_lat}
 WARMUP=${WARMUP:-$def_warm}
@@ -100,10 +103,10 @@ done
 for s in $SIZES; do [[ -n ${SIZE_BYTES[$s]:-} ]] || die "unknown size '$s' in SIZES (known: 1k 64k 1m)"; done
 for t in $TARGETS; do [[ " $ALL_TARGETS " == *" $t "* ]] || die "unknown target '$t' in TARGETS (known: $ALL_TARGETS)"; done
 [[ -n ${SIZES// /} && -n ${TARGETS// /} ]] || die "SIZES and TARGETS must not be empty"
-for v in DURATION LAT_DURATION WARMUP WRK_THREADS WRK_CONNS IDLE_CONNS PEER_IDLE_CONNS NOFILE; do
+for v in RUNS DURATION LAT_DURATION WARMUP WRK_THREADS WRK_CONNS IDLE_CONNS PEER_IDLE_CONNS NOFILE; do
     is_uint "${!v}" || die "$v must be a non-negative integer (got '${!v}')"
 done
-((DURATION > 0 && LAT_DURATION > 0 && IDLE_CONNS > 0)) || die "DURATION, LAT_DURATION and IDLE_CONNS must be > 0"
+((RUNS > 0 && DURATION > 0 && LAT_DURATION > 0 && IDLE_CONNS > 0)) || die "RUNS, DURATION, LAT_DURATION and IDLE_CONNS must be > 0"
 [[ $SUBNET =~ ^10\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || die "SUBNET must look like 10.X.Y (a /24 inside 10.0.0.0/8)"
 CLK_TCK=$(getconf CLK_TCK)
 if [[ -n $RAW_DIR ]]; then mkdir -p "$RAW_DIR" || die "cannot create RAW_DIR=$RAW_DIR"; fi
@@ -523,54 +526,106 @@ wrk_pct_ms() {
         exit }' "$1"
 }
 
+# median VALUE...: the median of the numeric values (the mean of the two middle ones for an
+# even count); values that are empty or NaN are left out; NaN if none is left.
+median() {
+    printf '%s\n' "$@" | awk '$1 ~ /^[0-9.eE+-]+$/ { print $1 }' | sort -g |
+        awk '{ v[NR] = $1 } END {
+            if (NR == 0) print "NaN"
+            else if (NR % 2) printf "%.4f\n", v[(NR + 1) / 2]
+            else printf "%.4f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+# per_run TARGET SIZE METRIC: the values of every run, in run order, one per line.
+per_run() {
+    local k
+    for ((k = 1; k <= RUNS; k++)); do echo "${R[$1:$2:$3:$k]:-}"; done
+}
+
+# run_one TARGET SIZE RUN: warm-up, throughput run and latency run; results go to
+# R[TARGET:SIZE:METRIC:RUN] (METRIC = rps, reqs, cpu, p50, p99).
 run_one() {
-    local t=$1 s=$2 url pids=() c0 c1 out lat err reqs
+    local t=$1 s=$2 k=$3 url pids=() c0 c1 out lat err reqs rps cpu="" p50 p99 tag
     url="${TARGET_URL[$t]}/$s"
-    out="$TMP/wrk-$t-$s.txt"
-    lat="$TMP/wrk-lat-$t-$s.txt"
+    out="$TMP/wrk-$t-$s-run$k.txt"
+    lat="$TMP/wrk-lat-$t-$s-run$k.txt"
+    tag="${SIZE_LABEL[$s]}, run $k/$RUNS"
     [[ $t == direct ]] || require_alive "$t" "${PID_OF[$t]}"
     if ((WARMUP > 0)); then
         run_client /dev/null wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${WARMUP}s" "$url" ||
-            die "wrk warm-up against $t failed"
+            die "wrk warm-up against $t failed ($tag)"
     fi
     if [[ $t != direct ]]; then
         mapfile -t pids < <(proc_tree "${PID_OF[$t]}")
         c0=$(cpu_ticks "${pids[@]}")
     fi
     run_client "$out" wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${DURATION}s" "$url" ||
-        { cat "$out" >&2; die "wrk against $t failed"; }
+        { cat "$out" >&2; die "wrk against $t failed ($tag)"; }
     [[ $t == direct ]] || c1=$(cpu_ticks "${pids[@]}")
     reqs=$(awk '/ requests in / { print $1; exit }' "$out")
-    R[$t:$s:rps]=$(awk '$1 == "Requests/sec:" { print $2 }' "$out")
-    [[ -n $reqs && -n ${R[$t:$s:rps]} ]] || { cat "$out" >&2; die "cannot parse wrk output for $t $s"; }
-    ((reqs > 0)) || { cat "$out" >&2; die "$t $s: wrk completed no request"; }
-    R[$t:$s:reqs]=$reqs
+    rps=$(awk '$1 == "Requests/sec:" { print $2 }' "$out")
+    [[ -n $reqs && -n $rps ]] || { cat "$out" >&2; die "cannot parse wrk output for $t ($tag)"; }
+    ((reqs > 0)) || { cat "$out" >&2; die "$t ($tag): wrk completed no request"; }
     if [[ $t != direct ]]; then
-        R[$t:$s:cpu]=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.4f", d / hz / n * 10000 }')
+        cpu=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.4f", d / hz / n * 10000 }')
     fi
     err=$(wrk_errors "$out")
-    [[ -z $err ]] || note "$t ${SIZE_LABEL[$s]} throughput run: $err (of $reqs requests)"
+    [[ -z $err ]] || note "$t $tag, throughput: $err (of $reqs requests)"
     sleep 1
     run_client "$lat" wrk -t1 -c1 -d"${LAT_DURATION}s" --latency "$url" ||
-        { cat "$lat" >&2; die "wrk --latency against $t failed"; }
-    R[$t:$s:p50]=$(wrk_pct_ms "$lat" 50)
-    R[$t:$s:p99]=$(wrk_pct_ms "$lat" 99)
-    [[ -n ${R[$t:$s:p50]} && -n ${R[$t:$s:p99]} ]] || { cat "$lat" >&2; die "cannot parse wrk --latency output for $t $s"; }
+        { cat "$lat" >&2; die "wrk --latency against $t failed ($tag)"; }
+    p50=$(wrk_pct_ms "$lat" 50)
+    p99=$(wrk_pct_ms "$lat" 99)
+    [[ -n $p50 && -n $p99 ]] || { cat "$lat" >&2; die "cannot parse wrk --latency output for $t ($tag)"; }
     err=$(wrk_errors "$lat")
-    [[ -z $err ]] || note "$t ${SIZE_LABEL[$s]} latency run: $err"
+    [[ -z $err ]] || note "$t $tag, latency: $err"
     [[ $t == direct ]] || require_alive "$t" "${PID_OF[$t]}"
-    log "$(printf '%-7s %-6s %10s req/s  p50 %s ms  p99 %s ms  CPU %s s/10k' "$t" "$s" "${R[$t:$s:rps]}" \
-        "${R[$t:$s:p50]}" "${R[$t:$s:p99]}" "${R[$t:$s:cpu]:--}")"
+    R[$t:$s:reqs:$k]=$reqs
+    R[$t:$s:rps:$k]=$rps
+    R[$t:$s:cpu:$k]=$cpu
+    R[$t:$s:p50:$k]=$p50
+    R[$t:$s:p99:$k]=$p99
+    log "$(printf '%-7s %-6s run %d/%d %10s req/s  p50 %s ms  p99 %s ms  CPU %s s/10k' "$t" "$s" "$k" "$RUNS" \
+        "$rps" "$p50" "$p99" "${cpu:--}")"
     sleep 1
+}
+
+# runs_list TARGET SIZE METRIC FORMAT: "v1, v2, v3" (the runs in order).
+runs_list() {
+    local v list=""
+    while IFS= read -r v; do list+="${list:+, }$(fmt "$v" "$4")"; done < <(per_run "$1" "$2" "$3")
+    echo "$list"
+}
+# spread TARGET SIZE: (max - min) / median of req/s over the runs, in percent.
+spread() {
+    per_run "$1" "$2" rps | awk -v med="${R[$1:$2:rps]}" '
+        $1 ~ /^[0-9.]+$/ { v = $1 + 0; if (n == 0 || v < lo) lo = v; if (n == 0 || v > hi) hi = v; n++ }
+        END { if (n < 2 || med + 0 == 0) print "n/a"; else printf "%.1f%%\n", (hi - lo) / med * 100 }'
 }
 
 START_DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
 for s in $SIZES; do
+    # Rounds: every target once per round, so that a slow spell of the machine hits all
+    # targets alike instead of one target's runs.
+    for ((k = 1; k <= RUNS; k++)); do
+        for t in $ALL_TARGETS; do
+            has_target "$t" || continue
+            log "run: $t ${SIZE_LABEL[$s]} (round $k/$RUNS)"
+            run_one "$t" "$s" "$k"
+        done
+    done
+    # R[TARGET:SIZE:METRIC] = the median over the runs; each metric on its own.
     for t in $ALL_TARGETS; do
         has_target "$t" || continue
-        log "run: $t ${SIZE_LABEL[$s]}"
-        run_one "$t" "$s"
+        for m in rps p50 p99 cpu; do
+            [[ $m == cpu && $t == direct ]] && continue
+            mapfile -t vals < <(per_run "$t" "$s" "$m")
+            R[$t:$s:$m]=$(median "${vals[@]}")
+        done
+        cpu=-
+        [[ $t == direct ]] || cpu=$(fmt "${R[$t:$s:cpu]}" '%.3f')
+        ((RUNS == 1)) || log "$(printf '%-7s %-6s median of %d: %s req/s  p50 %s ms  p99 %s ms  CPU %s s/10k' "$t" "$s" "$RUNS" \
+            "$(fmt "${R[$t:$s:rps]}" '%.0f')" "$(fmt "${R[$t:$s:p50]}" '%.3f')" "$(fmt "${R[$t:$s:p99]}" '%.3f')" "$cpu")"
     done
 done
 
@@ -620,7 +675,12 @@ extra_env=$(env | grep -E '^BATON_' | grep -v '^BATON_BIN=' | sort | tr '\n' ' '
     echo "- Tools: $(nginx -v 2>&1 | sed 's/.*: //'), HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'), wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')"
     echo "- Topology: namespaces client, proxy, backend on one bridge (veth, $SUBNET.0/24), tcp_congestion_control=reno; upstream nginx (1 worker) serving static files"
     echo "- Proxies, one core each: baton \`BATON_WORKERS=1\`${extra_env:+ (env: \`${extra_env% }\`)}; HAProxy \`nbthread 1\`, \`maxconn 4096\`, \`http-reuse always\`; nginx \`worker_processes 1\`, upstream \`keepalive 64\`, \`proxy_max_temp_file_size 0\`"
-    echo "- Throughput: \`$WRK_TPUT\`$( ((WARMUP > 0)) && echo " after a ${WARMUP}s untimed warm-up"); latency: \`$WRK_LAT\` (p50/p99 from its distribution)"
+    if ((RUNS == 1)); then
+        echo "- Runs: 1 per target and size (RUNS=1): the tables show single runs, not medians"
+    else
+        echo "- Runs: **$RUNS per target and size; the tables show the median of the $RUNS runs**, each column on its own$( ((RUNS % 2 == 0)) && echo " (for an even count, the mean of the two middle values)"), and the ratios are computed from those medians. The runs were made in $RUNS rounds, each round running every target once, so the targets are interleaved. The per-run values follow each table, in run order; spread = (max − min) / median of req/s"
+    fi
+    echo "- Throughput: \`$WRK_TPUT\`$( ((WARMUP > 0)) && echo " after a ${WARMUP}s untimed warm-up (before every run)"); latency: \`$WRK_LAT\` (p50/p99 from its distribution)"
     echo "- CPU s / 10k req: the proxy's utime+stime+cutime+cstime (all its processes) over the throughput run, per 10 000 requests completed"
     for s in $SIZES; do
         echo
@@ -644,6 +704,19 @@ extra_env=$(env | grep -E '^BATON_' | grep -v '^BATON_BIN=' | sort | tr '\n' ' '
                 echo
                 echo "Ratios: $r"
             }
+        fi
+        if ((RUNS > 1)); then
+            echo
+            echo "| per run | req/s | spread | p50 ms | p99 ms | CPU s / 10k req |"
+            echo "|---|---:|---:|---:|---:|---:|"
+            for t in $ALL_TARGETS; do
+                has_target "$t" || continue
+                cpu="–"
+                [[ $t == direct ]] || cpu=$(runs_list "$t" "$s" cpu '%.3f')
+                row="| ${TARGET_NAME[$t]} | $(runs_list "$t" "$s" rps '%.0f') | $(spread "$t" "$s")"
+                row+=" | $(runs_list "$t" "$s" p50 '%.3f') | $(runs_list "$t" "$s" p99 '%.3f') | $cpu"
+                echo "$row |"
+            done
         fi
     done
     if [[ $MEMORY == 1 ]]; then
