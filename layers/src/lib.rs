@@ -9,9 +9,10 @@
 //!
 //! ```text
 //! limit::InFlightLimit  -> route::Router -> cache::NewCache<Logical>
-//!   -> metrics -> errors::ErrorResponse -> timeout -> retry -> Buffer
+//!   -> trace -> errors::ErrorResponse -> metrics -> timeout -> retry -> Buffer
 //!   -> balance::Balancer (p2c | rr | hash) over discovery
-//!   -> endpoint: proxy::http::HttpProxy (the terminal; handoff joins here)
+//!   -> endpoint: trace -> metrics::Count -> proxy::http::HttpProxy
+//!      (the terminal; the handoff terminal joins here)
 //! ```
 
 #![warn(missing_docs, unreachable_pub)]
