@@ -7,23 +7,12 @@ use http::StatusCode;
 use std::{collections::HashMap, time::Duration};
 use support::*;
 
-fn services(name: &str, ups: &[&Upstream]) -> String {
-    let addrs: Vec<String> = ups.iter().map(|u| u.addr.to_string()).collect();
-    format!("{name}={}", addrs.join(","))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn round_robin_alternates_exactly() {
     let a = Upstream::start("a", Behaviour::default()).await;
     let b = Upstream::start("b", Behaviour::default()).await;
     let c = Upstream::start("c", Behaviour::default()).await;
-    let svc = services("web", &[&a, &b, &c]);
-    let baton = Baton::start(&[
-        ("BATON_ROUTES", "*=web"),
-        ("BATON_STATIC_SERVICES", &svc),
-        ("BATON_LB", "rr"),
-    ])
-    .await;
+    let baton = route_all("web", &[&a, &b, &c], &[("BATON_LB", "rr")]).await;
     let mut order = Vec::new();
     for _ in 0..30 {
         let got = get(baton.addr, "/").await;
@@ -56,8 +45,7 @@ async fn p2c_sends_clearly_less_to_a_slow_endpoint() {
         },
     )
     .await;
-    let svc = services("web", &[&fast, &slow]);
-    let baton = Baton::start(&[("BATON_ROUTES", "*=web"), ("BATON_STATIC_SERVICES", &svc)]).await;
+    let baton = route_all("web", &[&fast, &slow], &[]).await;
     let addr = baton.addr;
     // Eight concurrent clients, 40 requests each.
     let clients: Vec<_> = (0..8)

@@ -11,16 +11,10 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn services(name: &str, ups: &[&Upstream]) -> String {
-    let addrs: Vec<String> = ups.iter().map(|u| u.addr.to_string()).collect();
-    format!("{name}={}", addrs.join(","))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn proxies_with_forwarding_headers_and_without_hop_by_hop() {
     let up = Upstream::start("web", Behaviour::default()).await;
-    let svc = services("web", &[&up]);
-    let baton = Baton::start(&[("BATON_ROUTES", "*=web"), ("BATON_STATIC_SERVICES", &svc)]).await;
+    let baton = route_all("web", &[&up], &[]).await;
 
     let got = try_get(
         baton.addr,
@@ -59,8 +53,7 @@ async fn proxies_with_forwarding_headers_and_without_hop_by_hop() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_mib_bodies_pass_intact_both_ways() {
     let up = Upstream::start("web", Behaviour::default()).await;
-    let svc = services("web", &[&up]);
-    let baton = Baton::start(&[("BATON_ROUTES", "*=web"), ("BATON_STATIC_SERVICES", &svc)]).await;
+    let baton = route_all("web", &[&up], &[]).await;
     const N: usize = 10 << 20;
 
     // Response body.
@@ -94,8 +87,7 @@ async fn ten_mib_bodies_pass_intact_both_ways() {
 #[tokio::test(flavor = "multi_thread")]
 async fn keep_alive_connections_are_reused() {
     let up = Upstream::start("web", Behaviour::default()).await;
-    let svc = services("web", &[&up]);
-    let baton = Baton::start(&[("BATON_ROUTES", "*=web"), ("BATON_STATIC_SERVICES", &svc)]).await;
+    let baton = route_all("web", &[&up], &[]).await;
     // One client connection, twenty requests on it.
     let io = hyper_util::rt::TokioIo::new(TcpStream::connect(baton.addr).await.unwrap());
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(io)
@@ -128,20 +120,12 @@ async fn keep_alive_connections_are_reused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_upstreams_and_version_translation() {
-    let h2 = Upstream::start(
+    let h2 = h2_upstream("grpc").await;
+    let baton = route_all(
         "grpc",
-        Behaviour {
-            h2_only: true,
-            ..Default::default()
-        },
+        &[&h2],
+        &[("BATON_UPSTREAM_PROTOCOL_OVERRIDES", "grpc=http2")],
     )
-    .await;
-    let svc = services("grpc", &[&h2]);
-    let baton = Baton::start(&[
-        ("BATON_ROUTES", "*=grpc"),
-        ("BATON_STATIC_SERVICES", &svc),
-        ("BATON_UPSTREAM_PROTOCOL_OVERRIDES", "grpc=http2"),
-    ])
     .await;
     // An HTTP/1.1 client reaches an HTTP/2-only upstream.
     let got = get(baton.addr, "/headers").await;
@@ -159,13 +143,7 @@ async fn http2_upstreams_and_version_translation() {
 
     // An HTTP/2 client to an HTTP/1-only path.
     let h1 = Upstream::start("legacy", Behaviour::default()).await;
-    let svc = services("legacy", &[&h1]);
-    let baton = Baton::start(&[
-        ("BATON_ROUTES", "*=legacy"),
-        ("BATON_STATIC_SERVICES", &svc),
-        ("BATON_UPSTREAM_PROTOCOL", "http1"),
-    ])
-    .await;
+    let baton = route_all("legacy", &[&h1], &[("BATON_UPSTREAM_PROTOCOL", "http1")]).await;
     let req = Request::get(format!("http://{}/headers", baton.addr))
         .body(Full::new(Bytes::new()))
         .unwrap();
@@ -316,13 +294,7 @@ async fn slow_upstream_is_504() {
         },
     )
     .await;
-    let svc = services("web", &[&slow]);
-    let baton = Baton::start(&[
-        ("BATON_ROUTES", "*=web"),
-        ("BATON_STATIC_SERVICES", &svc),
-        ("BATON_REQUEST_TIMEOUT", "300ms"),
-    ])
-    .await;
+    let baton = route_all("web", &[&slow], &[("BATON_REQUEST_TIMEOUT", "300ms")]).await;
     let (status, headers, _) = get(baton.addr, "/").await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(headers["x-baton-error"], "request-timeout");
@@ -366,8 +338,7 @@ async fn unanswered_connect_is_504() {
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_request_is_400_and_closed() {
     let up = Upstream::start("web", Behaviour::default()).await;
-    let svc = services("web", &[&up]);
-    let baton = Baton::start(&[("BATON_ROUTES", "*=web"), ("BATON_STATIC_SERVICES", &svc)]).await;
+    let baton = route_all("web", &[&up], &[]).await;
     let mut s = TcpStream::connect(baton.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nthis line has no colon\r\n\r\n")
         .await
@@ -534,13 +505,7 @@ async fn load_is_shed_over_max_in_flight() {
         },
     )
     .await;
-    let svc = services("web", &[&slow]);
-    let baton = Baton::start(&[
-        ("BATON_ROUTES", "*=web"),
-        ("BATON_STATIC_SERVICES", &svc),
-        ("BATON_MAX_IN_FLIGHT", "2"),
-    ])
-    .await;
+    let baton = route_all("web", &[&slow], &[("BATON_MAX_IN_FLIGHT", "2")]).await;
     let addr = baton.addr;
     let tasks: Vec<_> = (0..5)
         .map(|_| tokio::spawn(async move { get(addr, "/").await.0 }))
@@ -563,21 +528,8 @@ async fn load_is_shed_over_max_in_flight() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn version_is_http11_towards_http1_clients() {
-    let up = Upstream::start(
-        "web",
-        Behaviour {
-            h2_only: true,
-            ..Default::default()
-        },
-    )
-    .await;
-    let svc = services("web", &[&up]);
-    let baton = Baton::start(&[
-        ("BATON_ROUTES", "*=web"),
-        ("BATON_STATIC_SERVICES", &svc),
-        ("BATON_UPSTREAM_PROTOCOL", "http2"),
-    ])
-    .await;
+    let up = h2_upstream("web").await;
+    let baton = route_all("web", &[&up], &[("BATON_UPSTREAM_PROTOCOL", "http2")]).await;
     let mut s = TcpStream::connect(baton.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
@@ -614,13 +566,7 @@ async fn exchange(s: &mut TcpStream, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_keep_alive_connections_park_and_resume() {
     let up = Upstream::start("web", Behaviour::default()).await;
-    let svc = services("web", &[&up]);
-    let baton = Baton::start(&[
-        ("BATON_ROUTES", "*=web"),
-        ("BATON_STATIC_SERVICES", &svc),
-        ("BATON_IDLE_PARK", "100ms"),
-    ])
-    .await;
+    let baton = route_all("web", &[&up], &[("BATON_IDLE_PARK", "100ms")]).await;
     let mut s = TcpStream::connect(baton.addr).await.unwrap();
     let first = exchange(&mut s, "/one").await;
     assert!(first.starts_with("HTTP/1.1 200 OK"), "{first}");
@@ -660,13 +606,7 @@ async fn idle_keep_alive_connections_park_and_resume() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_response_stalled_longer_than_the_park_time_is_not_cut() {
     let up = Upstream::start("web", Behaviour::default()).await;
-    let svc = services("web", &[&up]);
-    let baton = Baton::start(&[
-        ("BATON_ROUTES", "*=web"),
-        ("BATON_STATIC_SERVICES", &svc),
-        ("BATON_IDLE_PARK", "50ms"),
-    ])
-    .await;
+    let baton = route_all("web", &[&up], &[("BATON_IDLE_PARK", "50ms")]).await;
     let (status, _, body) = get(baton.addr, "/drip/4/200").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body.len(), 4000, "every chunk arrived");
@@ -675,21 +615,8 @@ async fn a_response_stalled_longer_than_the_park_time_is_not_cut() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_upstreams_get_one_connection_whatever_the_host() {
-    let h2 = Upstream::start(
-        "grpc",
-        Behaviour {
-            h2_only: true,
-            ..Default::default()
-        },
-    )
-    .await;
-    let svc = services("grpc", &[&h2]);
-    let baton = Baton::start(&[
-        ("BATON_ROUTES", "*=grpc"),
-        ("BATON_STATIC_SERVICES", &svc),
-        ("BATON_UPSTREAM_PROTOCOL", "http2"),
-    ])
-    .await;
+    let h2 = h2_upstream("grpc").await;
+    let baton = route_all("grpc", &[&h2], &[("BATON_UPSTREAM_PROTOCOL", "http2")]).await;
     let client = http1_client();
     for i in 0..20 {
         let req = Request::get(format!("http://{}/headers", baton.addr))
@@ -710,13 +637,7 @@ async fn http2_upstreams_get_one_connection_whatever_the_host() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cookies_split_by_an_http2_client_reach_an_http1_upstream_as_one_line() {
     let up = Upstream::start("web", Behaviour::default()).await;
-    let svc = services("web", &[&up]);
-    let baton = Baton::start(&[
-        ("BATON_ROUTES", "*=web"),
-        ("BATON_STATIC_SERVICES", &svc),
-        ("BATON_UPSTREAM_PROTOCOL", "http1"),
-    ])
-    .await;
+    let baton = route_all("web", &[&up], &[("BATON_UPSTREAM_PROTOCOL", "http1")]).await;
     let req = Request::get(format!("http://{}/headers", baton.addr))
         .header("cookie", "a=1")
         .header("cookie", "b=2")

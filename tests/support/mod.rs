@@ -174,6 +174,36 @@ impl Drop for Baton {
     }
 }
 
+/// `NAME=ADDR,ADDR` for `BATON_STATIC_SERVICES`.
+pub fn services(name: &str, ups: &[&Upstream]) -> String {
+    let addrs: Vec<String> = ups.iter().map(|u| u.addr.to_string()).collect();
+    format!("{name}={}", addrs.join(","))
+}
+
+/// Starts baton routing everything (`*`) to service `name` on `ups`, with `extra` env.
+pub async fn route_all(name: &str, ups: &[&Upstream], extra: &[(&str, &str)]) -> Baton {
+    let routes = format!("*={name}");
+    let svc = services(name, ups);
+    let mut env = vec![
+        ("BATON_ROUTES", routes.as_str()),
+        ("BATON_STATIC_SERVICES", svc.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    Baton::start(&env).await
+}
+
+/// An upstream that speaks HTTP/2 only.
+pub async fn h2_upstream(name: &'static str) -> Upstream {
+    Upstream::start(
+        name,
+        Behaviour {
+            h2_only: true,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 /// Runs the baton binary with `env` (only) and returns its exit status and stderr.
 pub fn run_to_exit(env: &[(&str, &str)], args: &[&str]) -> (ExitStatus, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_baton"))
