@@ -30,11 +30,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     // Headers listed in `Connection` are hop-by-hop too; usually there are none, so
     // only allocate when there are.
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("").split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+    let listed: Vec<HeaderName> = tokens(headers, header::CONNECTION)
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for name in listed {
         headers.remove(name);
@@ -43,11 +40,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     if headers.contains_key(header::TE) {
-        let trailers_only = headers
-            .get_all(header::TE)
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or(",").split(','))
-            .all(|t| t.trim().eq_ignore_ascii_case("trailers"));
+        let trailers_only = tokens(headers, header::TE).all(|t| t.eq_ignore_ascii_case("trailers"));
         headers.remove(header::TE);
         if trailers_only {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -55,14 +48,20 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The comma-separated tokens of every `name` line, trimmed (a line that is not
+/// visible ASCII counts as one empty token).
+fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .map(str::trim)
+}
+
 /// The protocol an HTTP/1 message asks to switch to (`Upgrade`, with `upgrade` listed
 /// in `Connection`), e.g. `websocket`.
 pub fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asked = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("").split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let asked = tokens(headers, header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
     asked
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten()
