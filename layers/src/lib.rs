@@ -23,6 +23,7 @@ pub mod body;
 pub mod cache;
 pub mod detect;
 pub mod errors;
+pub mod handoff;
 pub mod io;
 pub mod limit;
 pub mod metrics;

@@ -90,38 +90,248 @@ pub const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Upper bounds (seconds) of the handoff latency buckets: microseconds matter there.
+pub const HANDOFF_BUCKETS: [f64; 12] = [
+    0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
+];
+
 /// A fixed-bucket histogram of durations.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Histogram {
+    bounds: &'static [f64],
     /// Non-cumulative counts; the last is `+Inf`.
-    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    buckets: Box<[AtomicU64]>,
     sum_micros: AtomicU64,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::with_bounds(&LATENCY_BUCKETS)
+    }
+}
+
 impl Histogram {
+    /// A histogram with these bucket upper bounds (seconds, ascending).
+    pub fn with_bounds(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
     /// Records one observation.
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let i = LATENCY_BUCKETS
+        let i = self
+            .bounds
             .iter()
             .position(|b| secs <= *b)
-            .unwrap_or(LATENCY_BUCKETS.len());
+            .unwrap_or(self.bounds.len());
         self.buckets[i].fetch_add(1, Relaxed);
         self.sum_micros
             .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
+    }
+
+    /// Appends the exposition of this histogram as `name` with `labels` (which may be
+    /// empty).
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
         let mut cumulative = 0;
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+        for (i, bound) in self.bounds.iter().enumerate() {
             cumulative += self.buckets[i].load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
         }
-        cumulative += self.buckets[LATENCY_BUCKETS.len()].load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        cumulative += self.buckets[self.bounds.len()].load(Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+        );
         let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
         let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
+/// A counter per label value of one label.
+#[derive(Debug)]
+pub struct Labeled {
+    label: &'static str,
+    values: &'static [&'static str],
+    counters: Box<[Counter]>,
+}
+
+impl Labeled {
+    /// Counters for each of `values` of `label`.
+    pub fn new(label: &'static str, values: &'static [&'static str]) -> Self {
+        Self {
+            label,
+            values,
+            counters: values.iter().map(|_| Counter::default()).collect(),
+        }
+    }
+
+    /// The counter of `value` (a value not declared counts as the last one).
+    pub fn get(&self, value: &str) -> &Counter {
+        let i = self
+            .values
+            .iter()
+            .position(|v| *v == value)
+            .unwrap_or(self.values.len() - 1);
+        &self.counters[i]
+    }
+
+    /// Appends the exposition as `name`.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        header(out, name, help, "counter");
+        for (v, c) in self.values.iter().zip(self.counters.iter()) {
+            let _ = writeln!(out, "{name}{{{}=\"{v}\"}} {}", self.label, c.get());
+        }
+    }
+}
+
+/// Connection handoff, both roles.
+#[derive(Debug)]
+pub struct HandoffMetrics {
+    /// 1 when handoff is on and the kernel allows it.
+    pub enabled: Gauge,
+    /// FE: eligible requests that started a handoff.
+    pub attempts: Counter,
+    /// FE: connections handed off.
+    pub handed_off: Counter,
+    /// FE: handoffs that fell back to proxying, by reason.
+    pub fallbacks: Labeled,
+    /// FE: freeze to "go".
+    pub latency: Histogram,
+    /// BE: offers received.
+    pub offers: Counter,
+    /// BE: messages refused, by reason.
+    pub refused: Labeled,
+    /// BE: restored connections that never got "go".
+    pub aborted: Counter,
+    /// BE: moved connections being served now.
+    pub active: Gauge,
+    /// "Closed" notices (BE sent, FE applied).
+    pub closed_sent: Counter,
+    /// FE: redirects removed on a BE's notice.
+    pub closed_applied: Counter,
+}
+
+/// Reasons a handoff falls back to proxying.
+pub const FALLBACK_REASONS: &[&str] = &[
+    "socket",
+    "table",
+    "unreachable",
+    "refused",
+    "timeout",
+    "protocol",
+];
+/// Reasons a BE refuses a message.
+pub const REFUSAL_REASONS: &[&str] = &[
+    "malformed",
+    "auth",
+    "stale",
+    "replay",
+    "cidr",
+    "restore",
+    "table",
+    "busy",
+];
+
+impl Default for HandoffMetrics {
+    fn default() -> Self {
+        Self {
+            enabled: Gauge::default(),
+            attempts: Counter::default(),
+            handed_off: Counter::default(),
+            fallbacks: Labeled::new("reason", FALLBACK_REASONS),
+            latency: Histogram::with_bounds(&HANDOFF_BUCKETS),
+            offers: Counter::default(),
+            refused: Labeled::new("reason", REFUSAL_REASONS),
+            aborted: Counter::default(),
+            active: Gauge::default(),
+            closed_sent: Counter::default(),
+            closed_applied: Counter::default(),
+        }
+    }
+}
+
+impl HandoffMetrics {
+    fn render(&self, out: &mut String) {
+        gauge(
+            out,
+            "baton_handoff_enabled",
+            "1 when connection handoff is on and permitted by the kernel, else 0.",
+            self.enabled.get(),
+        );
+        counter(
+            out,
+            "baton_handoff_attempts_total",
+            "Eligible requests whose connection baton tried to hand off.",
+            self.attempts.get(),
+        );
+        counter(
+            out,
+            "baton_handoffs_total",
+            "Connections handed off to a backend's baton.",
+            self.handed_off.get(),
+        );
+        self.fallbacks.render(
+            out,
+            "baton_handoff_fallbacks_total",
+            "Handoffs abandoned before the switch; the request was proxied.",
+        );
+        header(
+            out,
+            "baton_handoff_duration_seconds",
+            "Time from freezing the client's socket to \"go\".",
+            "histogram",
+        );
+        self.latency
+            .render(out, "baton_handoff_duration_seconds", "");
+        counter(
+            out,
+            "baton_handoff_offers_total",
+            "Offers received from frontends.",
+            self.offers.get(),
+        );
+        self.refused.render(
+            out,
+            "baton_handoff_refused_total",
+            "Handoff messages refused, by reason.",
+        );
+        counter(
+            out,
+            "baton_handoff_aborted_total",
+            "Restored connections dropped because \"go\" never came.",
+            self.aborted.get(),
+        );
+        gauge(
+            out,
+            "baton_handoff_active_connections",
+            "Moved connections this baton serves now.",
+            self.active.get(),
+        );
+        counter(
+            out,
+            "baton_handoff_closed_sent_total",
+            "Notices sent to frontends that a moved connection is gone.",
+            self.closed_sent.get(),
+        );
+        counter(
+            out,
+            "baton_handoff_closed_applied_total",
+            "Redirects removed on a backend's notice.",
+            self.closed_applied.get(),
+        );
     }
 }
 
@@ -184,6 +394,8 @@ pub struct Global {
     pub opaque_bytes_in: Counter,
     /// Bytes copied upstream -> client on opaque connections.
     pub opaque_bytes_out: Counter,
+    /// Connection handoff.
+    pub handoff: HandoffMetrics,
 }
 
 /// The metrics registry.
@@ -310,6 +522,7 @@ impl Metrics {
             "baton_opaque_bytes_total{{direction=\"to_client\"}} {}",
             g.opaque_bytes_out.get()
         );
+        g.handoff.render(out);
 
         let services = lock(&self.inner.services).clone();
         header(

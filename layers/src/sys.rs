@@ -1,9 +1,12 @@
-//! The system calls no safe crate wraps: `splice(2)` through a pipe.
+//! The system calls no safe crate wraps: `splice(2)` through a pipe here, the
+//! TCP repair socket options and ioctls in [`tcp`].
 //!
-//! Every `unsafe` block of the crate lives here, each with its `SAFETY` reasoning.
-//! Later kernel interfaces (TCP_REPAIR, netlink) join this module tree.
+//! Every `unsafe` block of the crate lives in this module tree, each with its `SAFETY`
+//! reasoning.
 
 #![allow(unsafe_code)]
+
+pub mod tcp;
 
 use std::{
     io,

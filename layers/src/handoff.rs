@@ -1,0 +1,161 @@
+//! Connection handoff (Prism): the frontend (FE) moves the client's TCP connection to
+//! the chosen instance's baton (BE), which answers the client directly.
+//!
+//! ```text
+//! FE terminal (fe)                                     BE receiver (be)
+//!   hold: drop the flow's packets     (nft)
+//!   freeze: TCP_REPAIR, dump state    (repair)
+//!   offer: state + request bytes  ---- wire ---->   verify key, clock, nonce, FE CIDR
+//!                                                    restore socket (repair), bound to
+//!                                                    the FE address; deliver locally (nft)
+//!                                 <--- ready ----
+//!   swap hold -> redirect, one batch  (nft)
+//!   close silently (repair mode)
+//!   go                            ---- go ------>    serve the request and follow-ups
+//!                                                    from the local app, splicing
+//!                                                    ... socket gone (diag):
+//!   remove redirect               <--- closed ---    remove local delivery
+//! ```
+//!
+//! Any failure before the swap thaws the socket and the request is proxied as usual:
+//! the client never sees the difference. Why each piece of TCP state travels, and the
+//! order of the restore, follow CRIU's soccr: wrong sequence numbers blackhole the
+//! flow, no MSS means 536-byte segments, no window scale means tiny windows, no
+//! timestamp offset means the client drops segments (PAWS). The two-phase
+//! ready/go exchange exists because the BE must not transmit before the FE's redirect
+//! exists: the client's ACKs would be dropped by the hold and the BE would wait out a
+//! one-second initial RTO.
+//!
+//! Kernel plumbing (see [`tables`]): one `netdev` table `baton` on the handoff
+//! interface holds the FE's `held` set (drop) and `moved` map (`fwd` to the BE) and the
+//! BE's `restored` set (mark, then `ip rule fwmark` to a table that delivers locally).
+//! Elements carry timeouts, so a crash leaks nothing for long.
+
+pub mod be;
+pub mod diag;
+pub mod fe;
+pub mod nft;
+pub mod repair;
+pub mod tables;
+pub mod wire;
+
+use crate::metrics::Metrics;
+use ipnet::Ipv4Net;
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use wire::{Flow, Key, ReplayGuard};
+
+/// Handoff settings, both roles (every baton with handoff on is FE and BE).
+#[derive(Clone, Debug)]
+pub struct HandoffConfig {
+    /// The fleet key (`BATON_HANDOFF_KEY_FILE`).
+    pub key: Key,
+    /// How long the FE waits for "ready" (`BATON_HANDOFF_TIMEOUT`).
+    pub timeout: Duration,
+    /// This baton's receiver port, told to BEs for their "closed" notices.
+    pub listen_port: u16,
+    /// A peer's handoff port when discovery does not say (`BATON_HANDOFF_PORT`).
+    pub default_port: u16,
+    /// Flows a BE accepts: their local (FE) address must be in one of these.
+    pub fe_cidrs: Vec<Ipv4Net>,
+    /// Networks reachable on the handoff interface's segment: only endpoints there can
+    /// take a connection (the redirect is an L2 forward).
+    pub peer_nets: Vec<Ipv4Net>,
+    /// Services whose requests may be handed off; `None` is all.
+    pub services: Option<Vec<Arc<str>>>,
+    /// The BE's local application (`BATON_APP_ADDR`).
+    pub app_addr: SocketAddr,
+    /// The kernel sets.
+    pub tables: nft::Tables,
+}
+
+/// The handoff runtime shared by the FE terminal and the BE receiver.
+#[derive(Debug)]
+pub struct Handoff {
+    cfg: HandoffConfig,
+    metrics: Metrics,
+    replay: ReplayGuard,
+    /// BE: moved connections being served, with the FE handoff port to notify.
+    live: Mutex<HashMap<Flow, u16>>,
+}
+
+impl Handoff {
+    /// The runtime for `cfg`.
+    pub fn new(cfg: HandoffConfig, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            metrics,
+            replay: ReplayGuard::default(),
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &HandoffConfig {
+        &self.cfg
+    }
+
+    fn metrics(&self) -> &crate::metrics::HandoffMetrics {
+        &self.metrics.global().handoff
+    }
+
+    /// Whether requests of `service` may be handed off.
+    pub fn serves(&self, service: &str) -> bool {
+        self.cfg
+            .services
+            .as_ref()
+            .is_none_or(|s| s.iter().any(|n| &**n == service))
+    }
+
+    /// Where an endpoint at `ip` takes connections, if it can: it must sit on the
+    /// handoff interface's segment.
+    pub fn peer(&self, ip: Ipv4Addr, port: Option<u16>) -> Option<std::net::SocketAddrV4> {
+        self.cfg
+            .peer_nets
+            .iter()
+            .any(|n| n.contains(&ip))
+            .then(|| std::net::SocketAddrV4::new(ip, port.unwrap_or(self.cfg.default_port)))
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Flow, u16>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Why a message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The connection failed or closed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The bytes were not an acceptable message.
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+}
+
+/// Reads and verifies one message (clock window included; replays are the caller's).
+pub async fn read_message(
+    stream: &mut tokio::net::TcpStream,
+    key: &Key,
+) -> Result<wire::Envelope, ReadError> {
+    use tokio::io::AsyncReadExt;
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).await?;
+    let len = wire::frame_len(prefix)?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    Ok(wire::decode(key, &body, wire::now_ms())?)
+}
+
+/// Writes one encoded frame.
+pub async fn write_message(
+    stream: &mut tokio::net::TcpStream,
+    frame: &[u8],
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(frame).await
+}

@@ -1,0 +1,472 @@
+//! The FE side: the terminal that hands an eligible request's connection off, and the
+//! per-connection [`Takeover`] that lets it.
+//!
+//! The HTTP server owns the client socket, so the connection layer gives the first
+//! request of an HTTP/1 connection a [`Takeover`]: a duplicate of the socket's
+//! descriptor, the bytes baton read before the server (the request head and anything
+//! after it), and a gate on the server's I/O ([`TakeoverIo`]). The gate records what
+//! the server reads beyond those bytes (pipelined requests travel along), holds the
+//! server's reads while the socket is frozen, and after a handoff fails every
+//! operation, so the server gives the connection up without writing to it.
+
+use super::{
+    read_message, repair,
+    wire::{self, Flow, Message, Offer},
+    write_message, Handoff,
+};
+use crate::{body::Body, new_service::NewService, target::Endpoint, Error};
+use bytes::Bytes;
+use futures_util::future::Either;
+use http::{header, Method, Request, Response, Version};
+use std::{
+    future::Future,
+    io,
+    net::SocketAddrV4,
+    os::fd::{AsFd, OwnedFd},
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll, Waker},
+    time::Instant,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tower_service::Service;
+
+/// Most bytes the gate records beyond what baton read itself.
+const MAX_CAPTURE: usize = 64 * 1024;
+
+/// The right to take one HTTP/1 connection away from its server, attached to the
+/// connection's first request.
+#[derive(Clone, Debug)]
+pub struct Takeover(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    fd: OwnedFd,
+    flow: Flow,
+    read: Bytes,
+    gate: Mutex<Gate>,
+    taken: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    /// Recording what the server reads (until the first request is decided).
+    capturing: bool,
+    /// The socket is frozen: the server's reads wait.
+    frozen: bool,
+    /// The connection is gone to a BE: every server operation fails.
+    moved: bool,
+    captured: Vec<u8>,
+    waiter: Option<Waker>,
+}
+
+impl Takeover {
+    /// A takeover of `stream`, whose server will first replay `read` (the first request
+    /// head and whatever followed it). `None` for what cannot move (not IPv4).
+    pub fn new(stream: &TcpStream, read: Bytes) -> Option<Self> {
+        let (std::net::SocketAddr::V4(local), std::net::SocketAddr::V4(client)) =
+            (stream.local_addr().ok()?, stream.peer_addr().ok()?)
+        else {
+            return None;
+        };
+        let fd = stream.as_fd().try_clone_to_owned().ok()?;
+        Some(Self(Arc::new(Shared {
+            fd,
+            flow: Flow { client, local },
+            read,
+            gate: Mutex::new(Gate {
+                capturing: true,
+                ..Gate::default()
+            }),
+            taken: AtomicBool::new(false),
+        })))
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, Gate> {
+        self.0.gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims the takeover; only the first caller gets `true`.
+    fn claim(&self) -> bool {
+        !self.0.taken.swap(true, Ordering::AcqRel)
+    }
+
+    /// The first request is decided without a handoff: stop recording.
+    pub fn release(&self) {
+        let mut g = self.gate();
+        g.capturing = false;
+        g.captured = Vec::new();
+    }
+
+    /// Whether the connection went to a BE (the server's error is expected then).
+    pub fn moved(&self) -> bool {
+        self.gate().moved
+    }
+
+    /// Holds the server's reads and returns everything it has not answered: baton's
+    /// read, then what the server read since.
+    fn freeze_gate(&self) -> Option<Vec<u8>> {
+        let mut g = self.gate();
+        if !g.capturing {
+            return None; // over the capture bound: cannot know what the server holds
+        }
+        g.frozen = true;
+        let mut data = Vec::with_capacity(self.0.read.len() + g.captured.len());
+        data.extend_from_slice(&self.0.read);
+        data.extend_from_slice(&g.captured);
+        Some(data)
+    }
+
+    fn open_gate(&self) {
+        let mut g = self.gate();
+        g.frozen = false;
+        g.capturing = false;
+        g.captured = Vec::new();
+        if let Some(w) = g.waiter.take() {
+            w.wake();
+        }
+    }
+
+    fn moved_gate(&self) {
+        let mut g = self.gate();
+        g.moved = true;
+        g.captured = Vec::new();
+        if let Some(w) = g.waiter.take() {
+            w.wake();
+        }
+    }
+}
+
+/// The client socket as the HTTP server sees it, gated by an optional [`Takeover`].
+#[derive(Debug)]
+pub struct TakeoverIo {
+    stream: TcpStream,
+    takeover: Option<Takeover>,
+}
+
+impl TakeoverIo {
+    /// Wraps `stream`.
+    pub fn new(stream: TcpStream, takeover: Option<Takeover>) -> Self {
+        Self { stream, takeover }
+    }
+
+    /// The socket (once the server is done with it).
+    pub fn into_inner(self) -> TcpStream {
+        self.stream
+    }
+
+    /// Waits until the socket is readable.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.stream.readable().await
+    }
+
+    /// Checks the gate: `Some(result)` answers the operation without touching the
+    /// socket. Drops the takeover once it can no longer matter.
+    fn gated(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<()>>> {
+        let t = self.takeover.as_ref()?;
+        let mut g = t.gate();
+        if g.moved {
+            return Some(Poll::Ready(Err(io::Error::other("connection handed off"))));
+        }
+        if g.frozen {
+            g.waiter = Some(cx.waker().clone());
+            return Some(Poll::Pending);
+        }
+        if !g.capturing {
+            drop(g);
+            self.takeover = None;
+        }
+        None
+    }
+}
+
+impl AsyncRead for TakeoverIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(gated) = self.gated(cx) {
+            return gated;
+        }
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let (Some(t), Poll::Ready(Ok(()))) = (&this.takeover, &polled) {
+            let mut g = t.gate();
+            let new = &buf.filled()[before..];
+            if g.capturing && g.captured.len() + new.len() <= MAX_CAPTURE {
+                g.captured.extend_from_slice(new);
+            } else {
+                g.capturing = false;
+                g.captured = Vec::new();
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for TakeoverIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(gated) = self.gated(cx) {
+            return gated.map_ok(|()| 0);
+        }
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(gated) = self.gated(cx) {
+            return gated.map_ok(|()| 0);
+        }
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(gated) = self.gated(cx) {
+            return gated;
+        }
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(gated) = self.gated(cx) {
+            return gated;
+        }
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Marks the response of a request whose connection was handed off (nothing is
+/// written for it: the BE answers).
+#[derive(Clone, Copy, Debug)]
+pub struct HandedOff;
+
+/// Builds a [`Terminal`] per endpoint over the proxy terminal `N`.
+#[derive(Clone, Debug)]
+pub struct NewTerminal<N> {
+    inner: N,
+    handoff: Option<Arc<Handoff>>,
+}
+
+impl<N> NewTerminal<N> {
+    /// Hands off through `handoff` when it is `Some` (handoff on and permitted).
+    pub fn new(inner: N, handoff: Option<Arc<Handoff>>) -> Self {
+        Self { inner, handoff }
+    }
+}
+
+impl<N: NewService<Endpoint>> NewService<Endpoint> for NewTerminal<N> {
+    type Service = Terminal<N::Service>;
+
+    fn new_service(&self, ep: Endpoint) -> Self::Service {
+        let peer = match (&self.handoff, ep.addr.ip()) {
+            (Some(h), std::net::IpAddr::V4(ip)) if h.serves(&ep.logical.service) => {
+                h.peer(ip, ep.handoff_port).map(|p| (h.clone(), p))
+            }
+            _ => None,
+        };
+        Terminal {
+            inner: self.inner.new_service(ep),
+            peer,
+        }
+    }
+}
+
+/// The endpoint's terminal: hands the connection off when the request and connection
+/// allow it, else (and whenever the handoff fails) proxies with `S`.
+#[derive(Clone, Debug)]
+pub struct Terminal<S> {
+    inner: S,
+    peer: Option<(Arc<Handoff>, SocketAddrV4)>,
+}
+
+type HandoffFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>;
+
+impl<S> Service<Request<Body>> for Terminal<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Error;
+    type Future = Either<S::Future, HandoffFuture>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let Some((handoff, peer)) = &self.peer else {
+            return Either::Left(self.inner.call(req));
+        };
+        let Some(takeover) = eligible(&req) else {
+            return Either::Left(self.inner.call(req));
+        };
+        // The ready service goes into the future, for the fallback.
+        let fresh = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, fresh);
+        let (handoff, peer) = (handoff.clone(), *peer);
+        Either::Right(Box::pin(async move {
+            if handoff.hand_off(&takeover, peer).await {
+                let mut rsp = Response::new(Body::Empty);
+                rsp.extensions_mut().insert(HandedOff);
+                return Ok(rsp);
+            }
+            ready.call(req).await
+        }))
+    }
+}
+
+/// The request's takeover, if the request may be handed off: HTTP/1.x GET or HEAD
+/// without a body or upgrade, first on its connection (and claimed here).
+fn eligible(req: &Request<Body>) -> Option<Takeover> {
+    let t = req.extensions().get::<Takeover>()?;
+    let h = req.headers();
+    let ok = matches!(*req.method(), Method::GET | Method::HEAD)
+        && matches!(req.version(), Version::HTTP_11 | Version::HTTP_10)
+        && http_body::Body::is_end_stream(req.body())
+        && !h.contains_key(header::TRANSFER_ENCODING)
+        && h.get(header::CONTENT_LENGTH).is_none_or(|v| v == "0")
+        && !h.contains_key(header::UPGRADE)
+        && !h.contains_key(header::EXPECT);
+    if !ok {
+        t.release();
+        return None;
+    }
+    t.claim().then(|| t.clone())
+}
+
+impl Handoff {
+    /// Hands `t`'s connection to the baton at `peer`. `true` once the BE has it;
+    /// `false` after any failure, with the connection back as it was.
+    pub async fn hand_off(&self, t: &Takeover, peer: SocketAddrV4) -> bool {
+        let m = self.metrics();
+        m.attempts.incr();
+        let flow = t.0.flow;
+        match self.try_hand_off(t, peer).await {
+            Ok(started) => {
+                m.handed_off.incr();
+                m.latency.observe(started.elapsed());
+                tracing::debug!(client = %flow.client, be = %peer, "connection handed off");
+                true
+            }
+            Err(reason) => {
+                m.fallbacks.get(reason).incr();
+                tracing::debug!(client = %flow.client, be = %peer, reason, "handoff fell back to proxying");
+                t.release();
+                false
+            }
+        }
+    }
+
+    async fn try_hand_off(
+        &self,
+        t: &Takeover,
+        peer: SocketAddrV4,
+    ) -> Result<Instant, &'static str> {
+        let flow = t.0.flow;
+        let fd = t.0.fd.as_fd();
+        let tables = &self.cfg.tables;
+        let Some(mut data) = t.freeze_gate() else {
+            return Err("socket");
+        };
+        // 1. hold: nothing reaches the socket (or draws an RST) while it moves.
+        if let Err(e) = tables.hold(flow) {
+            tracing::warn!(error = %e, "cannot hold the flow");
+            t.open_gate();
+            return Err("table");
+        }
+        let started = Instant::now();
+        // 2. freeze and dump.
+        let (tcp, unread) = match repair::dump(fd) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, "socket cannot move");
+                let _ = tables.release(flow);
+                t.open_gate();
+                return Err("socket");
+            }
+        };
+        data.extend_from_slice(&unread);
+        let offer = wire::envelope(Message::Offer(Offer {
+            tcp,
+            fe_port: self.cfg.listen_port,
+            timeout_ms: u32::try_from(self.cfg.timeout.as_millis()).unwrap_or(u32::MAX),
+            data,
+        }));
+        // 3. offer, and wait (bounded) for "ready".
+        let ready = tokio::time::timeout(self.cfg.timeout, self.offer(peer, &offer)).await;
+        let thaw = |reason| {
+            if let Err(e) = repair::thaw(fd) {
+                tracing::error!(error = %e, "cannot thaw a frozen socket");
+            }
+            let _ = tables.release(flow);
+            t.open_gate();
+            Err(reason)
+        };
+        let mut control = match ready {
+            Ok(Ok(control)) => control,
+            Ok(Err(reason)) => return thaw(reason),
+            Err(_) => return thaw("timeout"),
+        };
+        // 4. switch: hold -> redirect in one batch, then "go".
+        if let Err(e) = tables.redirect(flow, *peer.ip()) {
+            tracing::warn!(error = %e, "cannot install the redirect");
+            return thaw("table");
+        }
+        let go = wire::encode(&self.cfg.key, &wire::envelope(Message::Go(offer.nonce)));
+        let sent = tokio::time::timeout(self.cfg.timeout, write_message(&mut control, &go)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            // The BE will give up on its copy; take the flow back.
+            let _ = tables.unredirect_to_hold(flow);
+            return thaw("protocol");
+        }
+        // 5. the frozen socket closes without a trace once the server lets go of it.
+        t.moved_gate();
+        Ok(started)
+    }
+
+    /// Sends `offer` to `peer` and waits for its answer; the control connection when
+    /// the answer is "ready".
+    async fn offer(
+        &self,
+        peer: SocketAddrV4,
+        offer: &wire::Envelope,
+    ) -> Result<TcpStream, &'static str> {
+        let mut control = TcpStream::connect(peer).await.map_err(|_| "unreachable")?;
+        let _ = control.set_nodelay(true);
+        let frame = wire::encode(&self.cfg.key, offer);
+        write_message(&mut control, &frame)
+            .await
+            .map_err(|_| "unreachable")?;
+        let reply = read_message(&mut control, &self.cfg.key)
+            .await
+            .map_err(|_| "protocol")?;
+        match reply.msg {
+            Message::Ready(n) if n == offer.nonce => Ok(control),
+            Message::Refused(n, why) if n == offer.nonce => {
+                tracing::info!(be = %peer, reason = why.as_str(), "backend refused the handoff");
+                Err("refused")
+            }
+            _ => Err("protocol"),
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! Per-flow changes to baton's nftables sets, sent as nfnetlink batches.
+//!
+//! The static table (sets, map, chain and rules, see [`super::tables`]) is made once at
+//! startup; per handoff only set elements change, and they change here — one
+//! `sendmsg` of a batch and its acknowledgements, no process, no parsing. Batches are
+//! atomic: the FE's "hold -> redirect" swap is one batch, so no packet of the flow ever
+//! sees neither.
+//!
+//! Each worker thread keeps its own netlink socket (an operation is a few microseconds
+//! of synchronous kernel work, with no await inside), so handoffs on different threads
+//! never wait for each other.
+
+use super::wire::Flow;
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
+use std::{cell::RefCell, io, net::Ipv4Addr, time::Duration};
+
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_CREATE: u16 = 0x400;
+const NLMSG_ERROR: u16 = 0x2;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+/// Like DELSETELEM, but a missing element is not an error (Linux 6.3+).
+const NFT_MSG_DESTROYSETELEM: u16 = 30;
+const NFPROTO_NETDEV: u8 = 5;
+
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
+const NFTA_DATA_VALUE: u16 = 1;
+const NLA_F_NESTED: u16 = 0x8000;
+
+/// The FE's set of flows being frozen: their packets are dropped.
+pub const HELD: &str = "held";
+/// The FE's map of moved flows to the BE that has them.
+pub const MOVED: &str = "moved";
+/// The BE's set of restored flows: their packets are marked for local delivery.
+pub const RESTORED: &str = "restored";
+
+/// The `netdev` table baton's handoff sets live in.
+#[derive(Clone, Debug)]
+pub struct Tables {
+    table: String,
+    hold_ttl: Duration,
+    flow_ttl: Duration,
+}
+
+/// One element change.
+enum Op {
+    Add {
+        set: &'static str,
+        flow: Flow,
+        data: Option<Ipv4Addr>,
+        ttl: Duration,
+    },
+    Remove {
+        set: &'static str,
+        flow: Flow,
+    },
+}
+
+impl Tables {
+    /// Element operations on `table`; held flows expire after `hold_ttl`, moved and
+    /// restored ones after `flow_ttl`.
+    pub fn new(table: impl Into<String>, hold_ttl: Duration, flow_ttl: Duration) -> Self {
+        Self {
+            table: table.into(),
+            hold_ttl,
+            flow_ttl,
+        }
+    }
+
+    /// FE: drop the flow's packets while it is frozen.
+    pub fn hold(&self, flow: Flow) -> io::Result<()> {
+        self.apply(&[Op::Add {
+            set: HELD,
+            flow,
+            data: None,
+            ttl: self.hold_ttl,
+        }])
+    }
+
+    /// FE: stop dropping (the handoff did not happen).
+    pub fn release(&self, flow: Flow) -> io::Result<()> {
+        self.apply(&[Op::Remove { set: HELD, flow }])
+    }
+
+    /// FE: atomically swap the hold for a redirect of the flow to `be`.
+    pub fn redirect(&self, flow: Flow, be: Ipv4Addr) -> io::Result<()> {
+        self.apply(&[
+            Op::Add {
+                set: MOVED,
+                flow,
+                data: Some(be),
+                ttl: self.flow_ttl,
+            },
+            Op::Remove { set: HELD, flow },
+        ])
+    }
+
+    /// FE: undo [`Tables::redirect`] back to a hold (the BE never got "go").
+    pub fn unredirect_to_hold(&self, flow: Flow) -> io::Result<()> {
+        self.apply(&[
+            Op::Add {
+                set: HELD,
+                flow,
+                data: None,
+                ttl: self.hold_ttl,
+            },
+            Op::Remove { set: MOVED, flow },
+        ])
+    }
+
+    /// FE: the moved connection is gone.
+    pub fn forget_moved(&self, flow: Flow) -> io::Result<()> {
+        self.apply(&[Op::Remove { set: MOVED, flow }])
+    }
+
+    /// BE: deliver the flow's packets to the local (restored) socket.
+    pub fn deliver(&self, flow: Flow) -> io::Result<()> {
+        self.apply(&[Op::Add {
+            set: RESTORED,
+            flow,
+            data: None,
+            ttl: self.flow_ttl,
+        }])
+    }
+
+    /// BE: the restored connection is gone.
+    pub fn forget_restored(&self, flow: Flow) -> io::Result<()> {
+        self.apply(&[Op::Remove {
+            set: RESTORED,
+            flow,
+        }])
+    }
+
+    fn apply(&self, ops: &[Op]) -> io::Result<()> {
+        thread_local! {
+            static SOCKET: RefCell<Option<NfSocket>> = const { RefCell::new(None) };
+        }
+        let batch = self.batch(ops);
+        SOCKET.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let sock = match cell.as_mut() {
+                Some(s) => s,
+                None => cell.insert(NfSocket::open()?),
+            };
+            let result = sock.transact(&batch, ops.len());
+            if result.is_err() {
+                // Start over with a fresh socket: this one may hold stale replies.
+                *cell = None;
+            }
+            result
+        })
+    }
+
+    fn batch(&self, ops: &[Op]) -> Vec<u8> {
+        let mut b = Msg::default();
+        let res_id = NFNL_SUBSYS_NFTABLES;
+        b.message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, 0, res_id);
+        for (i, op) in ops.iter().enumerate() {
+            let seq = i as u32 + 1;
+            let (kind, flags, set, flow) = match op {
+                Op::Add { set, flow, .. } => (
+                    NFT_MSG_NEWSETELEM,
+                    NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+                    *set,
+                    *flow,
+                ),
+                Op::Remove { set, flow } => (
+                    NFT_MSG_DESTROYSETELEM,
+                    NLM_F_REQUEST | NLM_F_ACK,
+                    *set,
+                    *flow,
+                ),
+            };
+            let start = b.message(
+                (NFNL_SUBSYS_NFTABLES << 8) | kind,
+                flags,
+                seq,
+                NFPROTO_NETDEV,
+                0,
+            );
+            b.attr_str(NFTA_SET_ELEM_LIST_TABLE, &self.table);
+            b.attr_str(NFTA_SET_ELEM_LIST_SET, set);
+            let elements = b.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+            let elem = b.nest(NFTA_LIST_ELEM);
+            let key = b.nest(NFTA_SET_ELEM_KEY);
+            b.attr(NFTA_DATA_VALUE, &key_bytes(flow));
+            b.end(key);
+            if let Op::Add { data, ttl, .. } = op {
+                if let Some(ip) = data {
+                    let d = b.nest(NFTA_SET_ELEM_DATA);
+                    b.attr(NFTA_DATA_VALUE, &ip.octets());
+                    b.end(d);
+                }
+                let ms = ttl.as_millis().max(1) as u64;
+                b.attr(NFTA_SET_ELEM_TIMEOUT, &ms.to_be_bytes());
+            }
+            b.end(elem);
+            b.end(elements);
+            b.finish(start);
+        }
+        b.message(
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            ops.len() as u32 + 1,
+            0,
+            res_id,
+        );
+        b.0
+    }
+}
+
+/// The set key `ip saddr . tcp sport . ip daddr . tcp dport` of the client's packets:
+/// each field in network order, padded to 32-bit registers.
+fn key_bytes(flow: Flow) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[0..4].copy_from_slice(&flow.client.ip().octets());
+    k[4..6].copy_from_slice(&flow.client.port().to_be_bytes());
+    k[8..12].copy_from_slice(&flow.local.ip().octets());
+    k[12..14].copy_from_slice(&flow.local.port().to_be_bytes());
+    k
+}
+
+/// A netlink message builder.
+#[derive(Default)]
+struct Msg(Vec<u8>);
+
+impl Msg {
+    /// Starts a message (nlmsghdr + nfgenmsg); returns its offset for [`Msg::finish`].
+    fn message(&mut self, kind: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> usize {
+        let start = self.0.len();
+        self.0.extend_from_slice(&20u32.to_ne_bytes());
+        self.0.extend_from_slice(&kind.to_ne_bytes());
+        self.0.extend_from_slice(&flags.to_ne_bytes());
+        self.0.extend_from_slice(&seq.to_ne_bytes());
+        self.0.extend_from_slice(&0u32.to_ne_bytes());
+        self.0.push(family);
+        self.0.push(0); // NFNETLINK_V0
+        self.0.extend_from_slice(&res_id.to_be_bytes());
+        start
+    }
+
+    fn finish(&mut self, start: usize) {
+        let len = (self.0.len() - start) as u32;
+        self.0[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    fn attr(&mut self, kind: u16, value: &[u8]) {
+        let len = 4 + value.len();
+        self.0.extend_from_slice(&(len as u16).to_ne_bytes());
+        self.0.extend_from_slice(&kind.to_ne_bytes());
+        self.0.extend_from_slice(value);
+        self.pad();
+    }
+
+    fn attr_str(&mut self, kind: u16, value: &str) {
+        let mut v = Vec::with_capacity(value.len() + 1);
+        v.extend_from_slice(value.as_bytes());
+        v.push(0);
+        self.attr(kind, &v);
+    }
+
+    fn nest(&mut self, kind: u16) -> usize {
+        let start = self.0.len();
+        self.0.extend_from_slice(&0u16.to_ne_bytes());
+        self.0
+            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+        start
+    }
+
+    fn end(&mut self, start: usize) {
+        let len = (self.0.len() - start) as u16;
+        self.0[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    fn pad(&mut self) {
+        while self.0.len() % 4 != 0 {
+            self.0.push(0);
+        }
+    }
+}
+
+/// A netfilter netlink socket.
+struct NfSocket(Socket);
+
+impl NfSocket {
+    fn open() -> io::Result<Self> {
+        let mut s = Socket::new(NETLINK_NETFILTER)?;
+        s.bind_auto()?;
+        Ok(Self(s))
+    }
+
+    /// Sends `batch` and reads the acknowledgement of each of its `expect` messages.
+    /// nfnetlink handles a batch inside `sendmsg`, so the replies are already queued
+    /// when it returns; a missing one is an error, never a wait.
+    fn transact(&mut self, batch: &[u8], expect: usize) -> io::Result<()> {
+        self.0.send(batch, 0)?;
+        let mut acked = 0;
+        let mut first_error = None;
+        let mut buf = vec![0u8; 8192];
+        while acked < expect {
+            let n = match self.0.recv(&mut &mut buf[..], libc::MSG_DONTWAIT) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(io::Error::other("nftables batch not acknowledged"))
+                }
+                Err(e) => return Err(e),
+            };
+            let mut at = 0;
+            while at + 16 <= n {
+                let len =
+                    u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+                if len < 16 || at + len > n {
+                    break;
+                }
+                if kind == NLMSG_ERROR && len >= 20 {
+                    let code = i32::from_ne_bytes([
+                        buf[at + 16],
+                        buf[at + 17],
+                        buf[at + 18],
+                        buf[at + 19],
+                    ]);
+                    acked += 1;
+                    if code != 0 && first_error.is_none() {
+                        first_error = Some(io::Error::from_raw_os_error(-code));
+                    }
+                }
+                at += (len + 3) & !3;
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_matches_the_kernel_register_layout() {
+        // What `nft --debug=netlink` prints for 10.0.0.1 . 1235 . 10.0.0.2 . 80.
+        let flow = Flow {
+            client: "10.0.0.1:1235".parse().unwrap(),
+            local: "10.0.0.2:80".parse().unwrap(),
+        };
+        assert_eq!(
+            key_bytes(flow),
+            [10, 0, 0, 1, 0x04, 0xd3, 0, 0, 10, 0, 0, 2, 0, 80, 0, 0]
+        );
+    }
+
+    #[test]
+    fn a_batch_frames_every_message_and_nests_the_element() {
+        let t = Tables::new("baton", Duration::from_secs(5), Duration::from_secs(60));
+        let flow = Flow {
+            client: "10.0.0.1:1".parse().unwrap(),
+            local: "10.0.0.2:2".parse().unwrap(),
+        };
+        let b = t.batch(&[
+            Op::Add {
+                set: MOVED,
+                flow,
+                data: Some("10.0.0.3".parse().unwrap()),
+                ttl: Duration::from_secs(60),
+            },
+            Op::Remove { set: HELD, flow },
+        ]);
+        // Walk the messages: begin, two element messages, end, lengths consistent.
+        let mut at = 0;
+        let mut kinds = vec![];
+        while at < b.len() {
+            let len = u32::from_ne_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+            kinds.push(u16::from_ne_bytes(b[at + 4..at + 6].try_into().unwrap()));
+            assert_eq!(len % 4, 0);
+            at += len;
+        }
+        assert_eq!(at, b.len());
+        assert_eq!(
+            kinds,
+            [
+                NFNL_MSG_BATCH_BEGIN,
+                (10 << 8) | NFT_MSG_NEWSETELEM,
+                (10 << 8) | NFT_MSG_DESTROYSETELEM,
+                NFNL_MSG_BATCH_END
+            ]
+        );
+        // The timeout (60000 ms, big-endian) is in the add.
+        let ms = 60_000u64.to_be_bytes();
+        assert!(b.windows(8).any(|w| w == ms));
+    }
+}

@@ -1,0 +1,159 @@
+//! The static kernel plumbing, installed once at startup: the `baton` netdev table
+//! (sets, map, ingress chain) and, for the BE role, the policy route that delivers
+//! marked packets locally.
+//!
+//! Installing is idempotent and keeps existing elements: a restarted baton finds the
+//! flows it moved before still redirected (their connections live on at the BEs), and
+//! only the chain's rules are rewritten, in the same atomic transaction. This runs the
+//! `nft` and `ip` tools once; per-flow changes never do (see [`super::nft`]).
+
+use ipnet::Ipv4Net;
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
+
+/// The table's name (family `netdev`).
+pub const TABLE: &str = "baton";
+/// The mark of packets for restored flows (distinct from the TPROXY capture's).
+pub const MARK: u32 = 0x0001_0000;
+/// The policy routing table (and rule priority) delivering marked packets locally.
+pub const ROUTE_TABLE: u32 = 15010;
+
+/// The ruleset for `interface`, as an `nft -f` script.
+pub fn ruleset(interface: &str) -> String {
+    let key = "ipv4_addr . inet_service . ipv4_addr . inet_service";
+    let flow = "ip saddr . tcp sport . ip daddr . tcp dport";
+    let dev = interface.replace('"', "");
+    format!(
+        "add table netdev {TABLE}
+add set netdev {TABLE} held {{ type {key} ; flags timeout ; }}
+add map netdev {TABLE} moved {{ type {key} : ipv4_addr ; flags timeout ; }}
+add set netdev {TABLE} restored {{ type {key} ; flags timeout ; }}
+add chain netdev {TABLE} ingress {{ type filter hook ingress device \"{dev}\" priority -150 ; policy accept ; }}
+flush chain netdev {TABLE} ingress
+add rule netdev {TABLE} ingress ip protocol tcp {flow} @held drop
+add rule netdev {TABLE} ingress ip protocol tcp fwd ip to {flow} map @moved device \"{dev}\"
+add rule netdev {TABLE} ingress ip protocol tcp {flow} @restored meta mark set meta mark | {MARK:#x}
+"
+    )
+}
+
+fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {cmd}: {e}"))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| format!("{cmd}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Installs (or re-installs, keeping elements) the table on `interface` and the local
+/// delivery route. Returns whether the table existed already.
+pub fn install(interface: &str) -> Result<bool, String> {
+    let existed = run("nft", &["list", "table", "netdev", TABLE], None).is_ok();
+    run("nft", &["-f", "-"], Some(&ruleset(interface)))?;
+    let mark = format!("{MARK:#x}/{MARK:#x}");
+    let table = ROUTE_TABLE.to_string();
+    let rules = run("ip", &["-4", "rule", "show", "pref", &table], None)?;
+    if !rules.contains(&format!("lookup {table}")) {
+        run(
+            "ip",
+            &[
+                "-4", "rule", "add", "pref", &table, "fwmark", &mark, "lookup", &table,
+            ],
+            None,
+        )?;
+    }
+    run(
+        "ip",
+        &[
+            "-4",
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            &table,
+        ],
+        None,
+    )?;
+    Ok(existed)
+}
+
+/// The interface of the IPv4 default route.
+pub fn default_interface() -> Result<String, String> {
+    let routes = std::fs::read_to_string("/proc/net/route")
+        .map_err(|e| format!("cannot read /proc/net/route: {e}"))?;
+    routes
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[1] == "00000000")
+        .map(|f| f[0].to_string())
+        .ok_or_else(|| "no IPv4 default route".to_string())
+}
+
+/// The IPv4 networks of `interface`.
+pub fn interface_nets(interface: &str) -> Result<Vec<Ipv4Net>, String> {
+    let out = run("ip", &["-o", "-4", "addr", "show", "dev", interface], None)?;
+    let nets: Vec<Ipv4Net> = out
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            words.next()?.parse::<Ipv4Net>().ok().map(|n| n.trunc())
+        })
+        .collect();
+    if nets.is_empty() {
+        return Err(format!("{interface} has no IPv4 address"));
+    }
+    Ok(nets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ruleset_keys_every_set_by_the_full_four_tuple() {
+        let r = ruleset("eth0");
+        assert!(r.contains("device \"eth0\""));
+        assert_eq!(
+            r.matches("ipv4_addr . inet_service . ipv4_addr . inet_service")
+                .count(),
+            3
+        );
+        assert!(
+            r.contains("flush chain netdev baton ingress"),
+            "rules are rewritten, elements kept"
+        );
+        assert!(
+            !r.contains("flush table"),
+            "elements must survive a restart"
+        );
+    }
+}
