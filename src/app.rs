@@ -2,14 +2,17 @@
 
 use crate::{
     admin::{self, Admin, State},
-    config::{Config, DiscoveryKind},
+    config::{Config, DiscoveryKind, HandoffSettings},
     listen,
     serve::{ServeConfig, Server},
     stack,
 };
 use anyhow::Context;
 use baton_discovery::{static_source, Registry};
-use baton_layers::metrics::Metrics;
+use baton_layers::{
+    handoff::{diag, nft, repair, tables, Handoff, HandoffConfig},
+    metrics::Metrics,
+};
 use std::sync::{atomic::Ordering, Arc};
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -49,7 +52,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, admin_stop_rx));
 
-    let stacks = stack::build(&config, &registry, &metrics);
+    let (drain, drain_rx) = watch::channel(false);
+    let handoff = match &config.handoff {
+        Some(settings) => start_handoff(settings, &metrics, drain_rx.clone()).await?,
+        None => None,
+    };
+    let stacks = stack::build(&config, &registry, &metrics, handoff.clone());
     let server = Arc::new(Server::new(
         ServeConfig {
             detect_timeout: config.detect_timeout,
@@ -60,8 +68,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
         stacks,
         metrics,
+        handoff,
     ));
-    let (drain, drain_rx) = watch::channel(false);
     let accept = tokio::spawn(listen::accept_loop(
         listener,
         config.inbound_mode,
@@ -88,6 +96,95 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = admin_task.await;
     Ok(())
 }
+
+/// Sets up connection handoff: checks the kernel allows it, installs the kernel
+/// tables, starts the receiver and the socket-destruction watch. Without privileges
+/// (or nftables) it warns once and returns `None`: baton runs in proxy mode. A receiver
+/// address that cannot be bound is a startup error, like the inbound listener's.
+async fn start_handoff(
+    settings: &HandoffSettings,
+    metrics: &Metrics,
+    drain: watch::Receiver<bool>,
+) -> anyhow::Result<Option<Arc<Handoff>>> {
+    let disabled = |why: String| {
+        tracing::warn!(
+            reason = %why,
+            "BATON_HANDOFF=on, but handoff is not possible here (it needs CAP_NET_ADMIN and nftables); running in proxy mode"
+        );
+        Ok(None)
+    };
+    if let Err(e) = repair::probe() {
+        return disabled(format!("TCP_REPAIR refused: {e}"));
+    }
+    let interface = match settings
+        .interface
+        .clone()
+        .map_or_else(tables::default_interface, Ok)
+    {
+        Ok(i) => i,
+        Err(e) => {
+            return disabled(format!(
+                "no handoff interface ({e}); set BATON_HANDOFF_INTERFACE"
+            ))
+        }
+    };
+    let existed = match tokio::task::spawn_blocking({
+        let interface = interface.clone();
+        move || tables::install(&interface)
+    })
+    .await?
+    {
+        Ok(existed) => existed,
+        Err(e) => return disabled(format!("cannot install the kernel tables: {e}")),
+    };
+    let nets = match tables::interface_nets(&interface) {
+        Ok(n) => n,
+        Err(e) => return disabled(e),
+    };
+    let listener = listen::bind_plain(settings.addr)
+        .with_context(|| format!("cannot listen on BATON_HANDOFF_ADDR={}", settings.addr))?;
+    let listen_port = listener.local_addr()?.port();
+    let handoff = Handoff::new(
+        HandoffConfig {
+            key: settings.key.clone(),
+            timeout: settings.timeout,
+            listen_port,
+            default_port: settings.port,
+            fe_cidrs: settings.fe_cidrs.clone().unwrap_or_else(|| nets.clone()),
+            peer_nets: nets,
+            services: settings.routes.clone(),
+            app_addr: settings.app_addr,
+            tables: nft::Tables::new(tables::TABLE, HOLD_TTL, settings.flow_ttl),
+        },
+        metrics.clone(),
+    );
+    match diag::subscribe() {
+        Ok(socket) => {
+            let h = handoff.clone();
+            tokio::spawn(async move {
+                if let Err(e) = diag::watch(h, socket).await {
+                    tracing::warn!(error = %e, "socket destruction watch ended; moved flows now expire by BATON_HANDOFF_FLOW_TTL");
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no socket destruction notices; moved flows expire by BATON_HANDOFF_FLOW_TTL")
+        }
+    }
+    tokio::spawn(handoff.clone().receive(listener, drain));
+    metrics.global().handoff.enabled.incr();
+    tracing::info!(
+        %interface,
+        receiver = %settings.addr,
+        kept_existing_table = existed,
+        "connection handoff on"
+    );
+    Ok(Some(handoff))
+}
+
+/// How long a flow may stay held (frozen) before the kernel lets its packets through
+/// again: far beyond any handoff, short enough that a crash mid-handoff heals quickly.
+const HOLD_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Publishes static services and watches the static file.
 fn start_discovery(config: &Config, registry: &Registry, reload: Arc<Notify>) {

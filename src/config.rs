@@ -9,9 +9,11 @@
 use baton_discovery::static_source::{self, ServiceMap};
 use baton_layers::{
     balance::HttpHashKey,
+    handoff::wire::Key,
     route::{self, Match},
     target::{Lb, Logical, Protocol, UpstreamProtocol},
 };
+use ipnet::Ipv4Net;
 use serde::{Serialize, Serializer};
 use std::{
     collections::{BTreeMap, HashMap},
@@ -135,6 +137,27 @@ vars! {
     BATON_WORKERS = DEFAULT_WORKERS: "";
     /// How long shutdown waits for in-flight requests.
     BATON_SHUTDOWN_GRACE = DEFAULT_SHUTDOWN_GRACE: "30s";
+    /// Connection handoff: `off` or `on`.
+    BATON_HANDOFF = DEFAULT_HANDOFF: "off";
+    /// Services whose requests may be handed off, `a,b` (empty: all).
+    BATON_HANDOFF_ROUTES = DEFAULT_HANDOFF_ROUTES: "";
+    /// How long the frontend waits for a backend's "ready" before proxying instead.
+    BATON_HANDOFF_TIMEOUT = DEFAULT_HANDOFF_TIMEOUT: "50ms";
+    /// The interface the handoff table hooks (empty: the default route's).
+    BATON_HANDOFF_INTERFACE = DEFAULT_HANDOFF_INTERFACE: "";
+    /// Address of the handoff receiver.
+    BATON_HANDOFF_ADDR = DEFAULT_HANDOFF_ADDR: "0.0.0.0:15010";
+    /// A peer's handoff port when discovery does not give one.
+    BATON_HANDOFF_PORT = DEFAULT_HANDOFF_PORT: "15010";
+    /// File holding the fleet's handoff key (at least 32 bytes); required when on.
+    BATON_HANDOFF_KEY_FILE = DEFAULT_HANDOFF_KEY_FILE: "";
+    /// Frontend addresses a backend accepts connections of, `CIDR,...` (empty: the
+    /// handoff interface's networks).
+    BATON_HANDOFF_FE_CIDRS = DEFAULT_HANDOFF_FE_CIDRS: "";
+    /// Lifetime of a moved connection's kernel entries when no close is seen.
+    BATON_HANDOFF_FLOW_TTL = DEFAULT_HANDOFF_FLOW_TTL: "1h";
+    /// The local application moved connections are served from.
+    BATON_APP_ADDR = DEFAULT_APP_ADDR: "127.0.0.1:8080";
 }
 
 /// How the inbound listener learns a connection's original destination.
@@ -246,6 +269,47 @@ pub struct Config {
     /// Shutdown grace period.
     #[serde(serialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// Connection handoff, when on.
+    pub handoff: Option<HandoffSettings>,
+}
+
+/// Connection handoff settings (`BATON_HANDOFF=on`).
+#[derive(Clone, Debug, Serialize)]
+pub struct HandoffSettings {
+    /// Services whose requests may be handed off (`None`: all).
+    pub routes: Option<Vec<Arc<str>>>,
+    /// Wait for "ready".
+    #[serde(serialize_with = "duration")]
+    pub timeout: Duration,
+    /// Interface of the handoff table (`None`: the default route's).
+    pub interface: Option<String>,
+    /// Receiver address.
+    pub addr: SocketAddr,
+    /// Peers' default handoff port.
+    pub port: u16,
+    /// The key file (its content is never shown).
+    pub key_file: PathBuf,
+    /// The key.
+    #[serde(skip)]
+    pub key: Key,
+    /// Accepted frontend networks (`None`: the interface's).
+    #[serde(serialize_with = "display_list")]
+    pub fe_cidrs: Option<Vec<Ipv4Net>>,
+    /// Lifetime of kernel entries of moved connections.
+    #[serde(serialize_with = "duration")]
+    pub flow_ttl: Duration,
+    /// The local application.
+    pub app_addr: SocketAddr,
+}
+
+fn display_list<T: fmt::Display, S: Serializer>(
+    v: &Option<Vec<T>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        None => s.serialize_none(),
+        Some(v) => s.collect_seq(v.iter().map(|x| x.to_string())),
+    }
 }
 
 fn duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -364,6 +428,141 @@ fn parse_overrides<T: FromStr>(
         }
         Ok(map)
     }
+}
+
+/// Parses the `BATON_HANDOFF_*` variables (all of them, so that mistakes show even
+/// while handoff is off); `Some(None)` when handoff is off.
+fn handoff_settings<S: Strings>(
+    p: &mut Parser<'_, S>,
+    on: bool,
+    routes: Option<&Vec<(Match, String)>>,
+) -> Option<Option<HandoffSettings>> {
+    let names = p.var(BATON_HANDOFF_ROUTES, DEFAULT_HANDOFF_ROUTES, |s| {
+        let names: Vec<Arc<str>> = s
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(Arc::from)
+            .collect();
+        Ok((!names.is_empty()).then_some(names))
+    });
+    if let (Some(Some(names)), Some(routes)) = (&names, routes) {
+        for n in names
+            .iter()
+            .filter(|n| !routes.iter().any(|(_, s)| s == &***n))
+        {
+            let value = p.raw(BATON_HANDOFF_ROUTES).unwrap_or_default();
+            p.fail(
+                BATON_HANDOFF_ROUTES,
+                &value,
+                format!("service {n:?} is not routed by BATON_ROUTES"),
+            );
+        }
+    }
+    let timeout = p.var(
+        BATON_HANDOFF_TIMEOUT,
+        DEFAULT_HANDOFF_TIMEOUT,
+        |s| match positive_duration(s)? {
+            d if d > Duration::from_secs(10) => Err("expected at most 10s".into()),
+            d => Ok(d),
+        },
+    );
+    let interface = p.raw(BATON_HANDOFF_INTERFACE).map(|s| s.trim().to_string());
+    if let Some(i) = &interface {
+        if i.len() > 15 || i.contains(['/', '"', ' ']) {
+            p.fail(
+                BATON_HANDOFF_INTERFACE,
+                i,
+                "expected an interface name such as eth0",
+            );
+        }
+    }
+    let addr = p.var(
+        BATON_HANDOFF_ADDR,
+        DEFAULT_HANDOFF_ADDR,
+        parse_from::<SocketAddr>("expected IP:PORT, e.g. 0.0.0.0:15010"),
+    );
+    let port = p.var(BATON_HANDOFF_PORT, DEFAULT_HANDOFF_PORT, |s| {
+        s.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| "expected a port from 1 to 65535".into())
+    });
+    let fe_cidrs = p.var(BATON_HANDOFF_FE_CIDRS, DEFAULT_HANDOFF_FE_CIDRS, |s| {
+        let nets = s
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|n| {
+                n.parse::<Ipv4Net>().map(|n| n.trunc()).map_err(|_| {
+                    format!("{n:?}: expected IPv4 CIDRs such as 10.0.0.0/8,192.168.1.0/24")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((!nets.is_empty()).then_some(nets))
+    });
+    let flow_ttl =
+        p.var(
+            BATON_HANDOFF_FLOW_TTL,
+            DEFAULT_HANDOFF_FLOW_TTL,
+            |s| match positive_duration(s)? {
+                d if d < Duration::from_secs(1) => Err("expected at least 1s".into()),
+                d if d > Duration::from_secs(7 * 24 * 3600) => {
+                    Err("expected at most 7 days".into())
+                }
+                d => Ok(d),
+            },
+        );
+    let app_addr = p.var(
+        BATON_APP_ADDR,
+        DEFAULT_APP_ADDR,
+        parse_from::<SocketAddr>("expected IP:PORT, e.g. 127.0.0.1:8080"),
+    );
+    let key_file = p
+        .raw(BATON_HANDOFF_KEY_FILE)
+        .map(|s| PathBuf::from(s.trim()));
+    if !on {
+        return Some(None);
+    }
+    let key = match &key_file {
+        None => {
+            p.fail(
+                BATON_HANDOFF_KEY_FILE,
+                "",
+                "required when BATON_HANDOFF=on: a file holding the fleet's key (at least 32 bytes, e.g. from `head -c 32 /dev/urandom | base64`)",
+            );
+            None
+        }
+        Some(path) => match std::fs::read(path) {
+            Err(e) => {
+                p.fail(
+                    BATON_HANDOFF_KEY_FILE,
+                    &path.display().to_string(),
+                    format!("cannot read the key file: {e}"),
+                );
+                None
+            }
+            Ok(bytes) => match Key::new(bytes.trim_ascii()) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    p.fail(BATON_HANDOFF_KEY_FILE, &path.display().to_string(), e);
+                    None
+                }
+            },
+        },
+    };
+    Some(Some(HandoffSettings {
+        routes: names?,
+        timeout: timeout?,
+        interface,
+        addr: addr?,
+        port: port?,
+        key_file: key_file?,
+        key: key?,
+        fe_cidrs: fe_cidrs?,
+        flow_ttl: flow_ttl?,
+        app_addr: app_addr?,
+    }))
 }
 
 impl Config {
@@ -534,6 +733,12 @@ impl Config {
                 .ok_or_else(|| "expected a number of threads from 1 to 1024".into())
         });
         let shutdown_grace = p.var(BATON_SHUTDOWN_GRACE, DEFAULT_SHUTDOWN_GRACE, parse_duration);
+        let handoff_on = p.var(BATON_HANDOFF, DEFAULT_HANDOFF, |s| match s {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            _ => Err("expected off or on".into()),
+        });
+        let handoff = handoff_settings(&mut p, handoff_on.unwrap_or(false), routes.as_ref());
 
         // Cross-variable checks, only when the parts themselves parsed.
         let mut route_configs = Vec::new();
@@ -629,6 +834,7 @@ impl Config {
             log_format: log_format.ok_or_else(missing)?,
             workers: workers.ok_or_else(missing)?,
             shutdown_grace: shutdown_grace.ok_or_else(missing)?,
+            handoff: handoff.ok_or_else(missing)?,
         })
     }
 
@@ -736,6 +942,52 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.0[0].name, BATON_LB_OVERRIDES);
+    }
+
+    #[test]
+    fn handoff_settings_parse_and_cross_check() {
+        let key = std::env::temp_dir().join(format!("baton-key-{}", std::process::id()));
+        std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let key_path = key.to_str().unwrap();
+        let base = [
+            (BATON_ROUTES, "*=objects"),
+            (BATON_STATIC_SERVICES, "objects=10.0.0.5:80@15011"),
+            (BATON_HANDOFF, "on"),
+            (BATON_HANDOFF_KEY_FILE, key_path),
+        ];
+        let c = parse(&base).unwrap();
+        let h = c.handoff.as_ref().expect("handoff on");
+        assert_eq!(h.timeout, Duration::from_millis(50));
+        assert_eq!(h.port, 15010);
+        assert!(h.routes.is_none() && h.fe_cidrs.is_none() && h.interface.is_none());
+        let json = c.to_json();
+        assert_eq!(json["handoff"]["key_file"], key_path);
+        assert!(
+            json["handoff"].get("key").is_none(),
+            "the key is never shown"
+        );
+
+        let mut bad = base.to_vec();
+        bad.extend([
+            (BATON_HANDOFF_ROUTES, "objects,media"),
+            (BATON_HANDOFF_TIMEOUT, "1m"),
+            (BATON_HANDOFF_INTERFACE, "eth0\"; flush"),
+        ]);
+        let err = parse(&bad).unwrap_err();
+        let names: Vec<_> = err.0.iter().map(|e| e.name).collect();
+        assert_eq!(
+            names,
+            [
+                BATON_HANDOFF_ROUTES,
+                BATON_HANDOFF_TIMEOUT,
+                BATON_HANDOFF_INTERFACE
+            ]
+        );
+        assert!(err.to_string().contains("\"media\" is not routed"));
+        // Off: nothing is required, but bad values are still reported.
+        assert!(parse(&[]).unwrap().handoff.is_none());
+        assert!(parse(&[(BATON_HANDOFF_PORT, "0")]).is_err());
+        let _ = std::fs::remove_file(&key);
     }
 
     #[test]

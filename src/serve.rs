@@ -25,6 +25,10 @@ use self::{
 use crate::stack::{HttpStack, Stacks};
 use baton_layers::{
     detect::{self, DetectError, Detected},
+    handoff::{
+        fe::{Takeover, TakeoverIo},
+        Handoff,
+    },
     io::PrefixedIo,
     metrics::Metrics,
     new_service::NewService,
@@ -32,7 +36,7 @@ use baton_layers::{
     target::{Accept, ClientInfo},
     Error,
 };
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use std::{future::Future, sync::Arc, time::Duration};
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::watch};
 use tower::ServiceExt;
@@ -60,11 +64,17 @@ pub struct Server {
     stacks: Stacks,
     metrics: Metrics,
     forward: ForwardMetrics,
+    handoff: Option<Arc<Handoff>>,
 }
 
 impl Server {
     /// A server for `stacks`.
-    pub fn new(cfg: ServeConfig, stacks: Stacks, metrics: Metrics) -> Self {
+    pub fn new(
+        cfg: ServeConfig,
+        stacks: Stacks,
+        metrics: Metrics,
+        handoff: Option<Arc<Handoff>>,
+    ) -> Self {
         let g = metrics.global();
         let forward = ForwardMetrics {
             to_upstream: g.opaque_bytes_in.clone(),
@@ -82,6 +92,7 @@ impl Server {
             stacks,
             metrics,
             forward,
+            handoff,
         }
     }
 
@@ -143,12 +154,23 @@ impl Server {
                     let _ = stream.shutdown().await;
                     return Ok(());
                 }
-                let (io, svc, state) = self.http_conn(stream, buf, accept);
-                http1::serve(io, svc, state, &self.http1, drain).await
+                let read = buf.freeze();
+                // A connection whose first request may be handed off (see handoff::fe).
+                let takeover = self
+                    .handoff
+                    .as_ref()
+                    .and_then(|_| Takeover::new(&stream, read.clone()));
+                let (io, svc, state) = self.http_conn(stream, read, accept, takeover.clone());
+                let served = http1::serve(io, svc, state, &self.http1, drain).await;
+                if takeover.is_some_and(|t| t.moved()) {
+                    // The server failed on purpose: the connection lives on at a BE.
+                    return Ok(());
+                }
+                served
             }
             Detected::Http2 => {
                 g.connections_http2.incr();
-                let (io, svc, state) = self.http_conn(stream, buf, accept);
+                let (io, svc, state) = self.http_conn(stream, buf.freeze(), accept, None);
                 http2::serve(io, svc, state, self.cfg.header_read_timeout, drain)
                     .await
                     .map_err(Into::into)
@@ -165,17 +187,24 @@ impl Server {
     fn http_conn(
         &self,
         stream: TcpStream,
-        read: BytesMut,
+        read: Bytes,
         accept: Accept,
+        takeover: Option<Takeover>,
     ) -> (
-        PrefixedIo<TcpStream>,
+        PrefixedIo<TakeoverIo>,
         ConnService<HttpStack>,
         Arc<ConnState>,
     ) {
         let state = Arc::new(ConnState::default());
         let info = ClientInfo::new(accept);
-        let svc = ConnService::new(self.stacks.http.clone(), info, state.clone());
-        (PrefixedIo::new(read.freeze(), stream), svc, state)
+        let svc = ConnService::new(
+            self.stacks.http.clone(),
+            info,
+            state.clone(),
+            takeover.clone(),
+        );
+        let io = TakeoverIo::new(stream, takeover);
+        (PrefixedIo::new(read, io), svc, state)
     }
 
     async fn serve_opaque(

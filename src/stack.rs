@@ -12,7 +12,7 @@
 //!     Retry              connect failures only; re-enters the balancer
 //!     Buffer             shares the single-owner balancer between connections
 //!     Balancer           p2c | rr | hash over discovery; fails fast with no endpoints
-//!       endpoint         Count (balancer choices) -> HttpProxy (the terminal seam)
+//!       endpoint         Count (balancer choices) -> Terminal: handoff, else HttpProxy
 //!
 //! Opaque connection: route by port -> NewCache<Logical> -> Retry -> Buffer ->
 //!   Balancer over TcpConnect -> splice
@@ -25,12 +25,16 @@ use baton_layers::{
     body::Body,
     cache::NewCache,
     errors::ErrorResponseLayer,
+    handoff::{
+        fe::{NewTerminal, Terminal},
+        Handoff,
+    },
     limit::{InFlightLimit, InFlightLimitLayer},
     metrics::{Count, Metrics, RequestMetricsLayer},
     new_service::{ArcNewService, NewService, NewServiceFn},
     proxy::{
         connect::ConnectConfig,
-        http::{ClientConfig, NewHttpProxy},
+        http::{ClientConfig, HttpProxy, NewHttpProxy},
         tcp::{ClientIpKey, NewTcpConnect, OpaqueRequest},
     },
     retry::ConnectRetry,
@@ -69,7 +73,12 @@ pub struct Stacks {
 }
 
 /// Builds the production stacks (HTTP and opaque, proxying to endpoints).
-pub fn build(cfg: &Config, registry: &Registry, metrics: &Metrics) -> Stacks {
+pub fn build(
+    cfg: &Config,
+    registry: &Registry,
+    metrics: &Metrics,
+    handoff: Option<Arc<Handoff>>,
+) -> Stacks {
     let connect = Arc::new(ConnectConfig {
         timeout: cfg.connect_timeout,
         ..ConnectConfig::default()
@@ -81,6 +90,7 @@ pub fn build(cfg: &Config, registry: &Registry, metrics: &Metrics) -> Stacks {
             pool_max_idle: cfg.pool_max_idle,
         },
         metrics,
+        handoff,
     );
     Stacks {
         http: http(cfg, registry, metrics, http_endpoint),
@@ -89,17 +99,15 @@ pub fn build(cfg: &Config, registry: &Registry, metrics: &Metrics) -> Stacks {
     }
 }
 
-/// The endpoint level of HTTP: count the balancer's choice, then the terminal. The
-/// handoff terminal (handoff-or-proxy) replaces `NewHttpProxy` here.
+/// The endpoint level of HTTP: count the balancer's choice, then the terminal, which
+/// hands the connection off when it can and proxies otherwise.
 fn http_endpoint(
     client: ClientConfig,
     metrics: &Metrics,
-) -> impl NewService<Endpoint, Service = Count<baton_layers::proxy::http::HttpProxy>>
-       + Clone
-       + Send
-       + Sync
-       + 'static {
-    let proxy = NewHttpProxy::new(client);
+    handoff: Option<Arc<Handoff>>,
+) -> impl NewService<Endpoint, Service = Count<Terminal<HttpProxy>>> + Clone + Send + Sync + 'static
+{
+    let proxy = NewTerminal::new(NewHttpProxy::new(client), handoff);
     let metrics = metrics.clone();
     NewServiceFn::new(move |ep: Endpoint| {
         let choices = metrics.choices(&ep.logical.service, ep.addr.to_string());

@@ -42,6 +42,36 @@ fn invalid_configuration_exits_2_naming_every_variable() {
 }
 
 #[test]
+fn handoff_without_a_usable_key_exits_2() {
+    let (status, stderr) = run_to_exit(&[("BATON_HANDOFF", "on")], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("BATON_HANDOFF_KEY_FILE=\"\": required when BATON_HANDOFF=on"),
+        "{stderr}"
+    );
+    let short = std::env::temp_dir().join(format!("baton-short-key-{}", std::process::id()));
+    std::fs::write(&short, "too short\n").unwrap();
+    let (status, stderr) = run_to_exit(
+        &[
+            ("BATON_HANDOFF", "on"),
+            ("BATON_HANDOFF_KEY_FILE", short.to_str().unwrap()),
+            ("BATON_HANDOFF_FE_CIDRS", "10.0.0.0/33"),
+        ],
+        &[],
+    );
+    let _ = std::fs::remove_file(&short);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the key is 9 bytes; at least 32"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("BATON_HANDOFF_FE_CIDRS=\"10.0.0.0/33\""),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn unknown_arguments_exit_2() {
     let (status, stderr) = run_to_exit(&[], &["frobnicate"]);
     assert_eq!(status.code(), Some(2));

@@ -1,6 +1,6 @@
 //! The per-connection hyper service and its accounting.
 
-use baton_layers::{body::Body, errors, target::ClientInfo, Error};
+use baton_layers::{body::Body, errors, handoff::fe::Takeover, target::ClientInfo, Error};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Frame, SizeHint};
@@ -71,11 +71,23 @@ pub(super) struct ConnService<S> {
     stack: S,
     info: ClientInfo,
     state: Arc<ConnState>,
+    /// Given to the connection's first request (see `handoff::fe`).
+    takeover: Option<Takeover>,
 }
 
 impl<S> ConnService<S> {
-    pub(super) fn new(stack: S, info: ClientInfo, state: Arc<ConnState>) -> Self {
-        Self { stack, info, state }
+    pub(super) fn new(
+        stack: S,
+        info: ClientInfo,
+        state: Arc<ConnState>,
+        takeover: Option<Takeover>,
+    ) -> Self {
+        Self {
+            stack,
+            info,
+            state,
+            takeover,
+        }
     }
 }
 
@@ -88,15 +100,20 @@ where
     type Future = ConnFuture<Oneshot<S, Request<Body>>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        self.state.started.fetch_add(1, Ordering::AcqRel);
+        let first = self.state.started.fetch_add(1, Ordering::AcqRel) == 0;
         self.state.active.fetch_add(1, Ordering::AcqRel);
         let http1 = req.version() != http::Version::HTTP_2;
         let mut req = req.map(Body::Incoming);
         req.extensions_mut().insert(self.info.clone());
+        let takeover = self.takeover.as_ref().filter(|_| first).cloned();
+        if let Some(t) = &takeover {
+            req.extensions_mut().insert(t.clone());
+        }
         ConnFuture {
             inner: Oneshot::new(self.stack.clone(), req),
             state: Some(self.state.clone()),
             http1,
+            takeover,
         }
     }
 }
@@ -111,6 +128,7 @@ pin_project_lite::pin_project! {
         // Moved into the response body; released here if the future is dropped first.
         state: Option<Arc<ConnState>>,
         http1: bool,
+        takeover: Option<Takeover>,
     }
 
     impl<F> PinnedDrop for ConnFuture<F> {
@@ -137,6 +155,10 @@ where
                 errors::error_response(&*e, "-")
             }
         };
+        if let Some(t) = this.takeover.take() {
+            // Decided: the gate stops recording (a no-op after a handoff).
+            t.release();
+        }
         let state = this.state.take();
         if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             // Keep the endpoint's connection for the tunnel (see `http1::serve`).

@@ -22,7 +22,7 @@
 
 use super::conn::{ConnService, ConnState};
 use crate::stack::HttpStack;
-use baton_layers::{io::PrefixedIo, metrics::Counter, Error};
+use baton_layers::{handoff::fe::TakeoverIo, io::PrefixedIo, metrics::Counter, Error};
 use futures_util::StreamExt;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -33,7 +33,7 @@ use std::{
     task::{ready, Context, Poll},
     time::Duration,
 };
-use tokio::{net::TcpStream, sync::watch, time::Sleep};
+use tokio::{sync::watch, time::Sleep};
 use tokio_stream::wrappers::WatchStream;
 
 /// HTTP/1 settings.
@@ -60,7 +60,7 @@ enum Asked {
 
 /// Serves an HTTP/1 connection until it ends, parking it whenever it idles.
 pub(super) async fn serve(
-    mut io: PrefixedIo<TcpStream>,
+    mut io: PrefixedIo<TakeoverIo>,
     svc: ConnService<HttpStack>,
     state: Arc<ConnState>,
     cfg: &Http1Config,
@@ -104,7 +104,7 @@ pub(super) async fn serve(
 }
 
 /// Copies both ways between the client and the endpoint's upgraded connection.
-async fn tunnel(mut client: PrefixedIo<TcpStream>, upstream: OnUpgrade) -> Result<(), Error> {
+async fn tunnel(mut client: PrefixedIo<TakeoverIo>, upstream: OnUpgrade) -> Result<(), Error> {
     let mut upstream = TokioIo::new(upstream.await?);
     let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
     tracing::debug!(
@@ -116,9 +116,9 @@ async fn tunnel(mut client: PrefixedIo<TcpStream>, upstream: OnUpgrade) -> Resul
 }
 
 type Conn =
-    hyper::server::conn::http1::Connection<TokioIo<PrefixedIo<TcpStream>>, ConnService<HttpStack>>;
+    hyper::server::conn::http1::Connection<TokioIo<PrefixedIo<TakeoverIo>>, ConnService<HttpStack>>;
 type Parts =
-    hyper::server::conn::http1::Parts<TokioIo<PrefixedIo<TcpStream>>, ConnService<HttpStack>>;
+    hyper::server::conn::http1::Parts<TokioIo<PrefixedIo<TakeoverIo>>, ConnService<HttpStack>>;
 /// How one hyper connection ended: its parts, and whether baton asked for the end.
 type Ended = hyper::Result<(Parts, Option<Asked>)>;
 
@@ -130,7 +130,7 @@ type Ended = hyper::Result<(Parts, Option<Asked>)>;
 /// (higher-ranked lifetimes of boxed error types in generator witnesses), while here
 /// the types are concrete. One allocation per hyper connection is the price.
 fn run(
-    io: PrefixedIo<TcpStream>,
+    io: PrefixedIo<TakeoverIo>,
     svc: ConnService<HttpStack>,
     state: Arc<ConnState>,
     cfg: &Http1Config,

@@ -10,7 +10,7 @@
 
 use super::conn::{ConnService, ConnState};
 use crate::stack::HttpStack;
-use baton_layers::io::PrefixedIo;
+use baton_layers::{handoff::fe::TakeoverIo, io::PrefixedIo};
 use futures_util::StreamExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::{
@@ -20,7 +20,7 @@ use std::{
     task::{Context, Poll},
     time::Duration,
 };
-use tokio::{net::TcpStream, sync::watch, time::Sleep};
+use tokio::{sync::watch, time::Sleep};
 use tokio_stream::wrappers::WatchStream;
 
 /// Interval and timeout of keep-alive pings.
@@ -29,7 +29,7 @@ const KEEPALIVE: Duration = Duration::from_secs(20);
 const GOAWAY_LINGER: Duration = Duration::from_secs(1);
 
 type Conn = hyper::server::conn::http2::Connection<
-    TokioIo<PrefixedIo<TcpStream>>,
+    TokioIo<PrefixedIo<TakeoverIo>>,
     ConnService<HttpStack>,
     TokioExecutor,
 >;
@@ -41,7 +41,7 @@ type Conn = hyper::server::conn::http2::Connection<
 /// (higher-ranked lifetimes of boxed error types in generator witnesses), while here
 /// the types are concrete. One allocation per connection is the price.
 pub(super) fn serve(
-    io: PrefixedIo<TcpStream>,
+    io: PrefixedIo<TakeoverIo>,
     svc: ConnService<HttpStack>,
     state: Arc<ConnState>,
     idle: Duration,

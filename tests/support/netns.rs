@@ -173,18 +173,93 @@ impl Testbed {
 
     /// Starts a long-running `cmd` with `env` on `host`; killed when the testbed drops.
     pub fn spawn(&self, host: &str, cmd: &[&str], env: &[(&str, &str)]) -> u32 {
+        self.spawn_logged(host, cmd, env, None)
+    }
+
+    /// Like [`Testbed::spawn`], with stdout and stderr appended to `log` if given.
+    pub fn spawn_logged(
+        &self,
+        host: &str,
+        cmd: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> u32 {
+        let out = |log: Option<&std::path::Path>| match log {
+            Some(path) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null()),
+            None => Stdio::null(),
+        };
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns(host)])
             .args(cmd)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(out(log))
+            .stderr(out(log))
             .spawn()
             .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
         let pid = child.id();
         self.children.lock().unwrap().push(child);
         pid
+    }
+
+    /// Stops the process `pid` started here (SIGKILL) and waits for it.
+    pub fn kill(&self, pid: u32) {
+        let mut children = self.children.lock().unwrap();
+        if let Some(i) = children.iter().position(|c| c.id() == pid) {
+            let mut child = children.remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends `signal` (e.g. "TERM", "STOP", "CONT") to `pid`.
+    pub fn signal(&self, pid: u32, signal: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status();
+    }
+
+    /// Waits for `pid` started here to exit, up to `timeout`; its exit code.
+    pub fn wait_exit(&self, pid: u32, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut children = self.children.lock().unwrap();
+                if let Some(i) = children.iter().position(|c| c.id() == pid) {
+                    if let Ok(Some(status)) = children[i].try_wait() {
+                        let _ = children.remove(i).wait(); // already reaped: returns at once
+                        return status.code();
+                    }
+                } else {
+                    return None;
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Bytes `host`'s eth0 has received and sent so far.
+    pub fn eth0_bytes(&self, host: &str) -> (u64, u64) {
+        let out = self.must(
+            host,
+            &[
+                "cat",
+                "/sys/class/net/eth0/statistics/rx_bytes",
+                "/sys/class/net/eth0/statistics/tx_bytes",
+            ],
+        );
+        let mut n = out
+            .split_whitespace()
+            .map(|v| v.parse::<u64>().unwrap_or(0));
+        (n.next().unwrap_or(0), n.next().unwrap_or(0))
     }
 
     /// GETs `url` with curl on `host`: (status code, body). Status 0 when it failed.
