@@ -154,7 +154,13 @@ async fn start_handoff(
             peer_nets: nets,
             services: settings.routes.clone(),
             app_addr: settings.app_addr,
-            tables: nft::Tables::new(tables::TABLE, HOLD_TTL, settings.flow_ttl),
+            // Held far beyond any handoff (the FE waits up to twice the timeout), short
+            // enough that a crash mid-handoff heals quickly.
+            tables: nft::Tables::new(
+                tables::TABLE,
+                HOLD_TTL.max(settings.timeout * 4),
+                settings.flow_ttl,
+            ),
         },
         metrics.clone(),
     );
@@ -172,6 +178,7 @@ async fn start_handoff(
         }
     }
     tokio::spawn(handoff.clone().receive(listener, drain));
+    tokio::spawn(handoff.clone().refresh());
     metrics.global().handoff.enabled.incr();
     tracing::info!(
         %interface,
@@ -182,8 +189,8 @@ async fn start_handoff(
     Ok(Some(handoff))
 }
 
-/// How long a flow may stay held (frozen) before the kernel lets its packets through
-/// again: far beyond any handoff, short enough that a crash mid-handoff heals quickly.
+/// The least time a flow stays held (frozen) before the kernel lets its packets
+/// through again.
 const HOLD_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Publishes static services and watches the static file.

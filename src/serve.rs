@@ -159,7 +159,7 @@ impl Server {
                 let takeover = self
                     .handoff
                     .as_ref()
-                    .and_then(|_| Takeover::new(&stream, read.clone()));
+                    .and_then(|_| Takeover::new(&stream, read.clone(), accept.orig_dst));
                 let (io, svc, state) = self.http_conn(stream, read, accept, takeover.clone());
                 let served = http1::serve(io, svc, state, &self.http1, drain).await;
                 if takeover.is_some_and(|t| t.moved()) {

@@ -678,7 +678,8 @@ fn forged_replayed_and_foreign_offers_are_refused() {
             .filter_map(|i| u8::from_str_radix(&out.trim()[2 * i..2 * i + 2], 16).ok())
             .collect()
     };
-    let offer = |local: &str| {
+    let be1_receiver = format!("{be1}:15010").parse().unwrap();
+    let offer = |local: &str, be: std::net::SocketAddrV4| {
         wire::envelope(Message::Offer(Offer {
             tcp: TcpState {
                 local: local.parse().unwrap(),
@@ -693,13 +694,15 @@ fn forged_replayed_and_foreign_offers_are_refused() {
                 window: RepairWindow::default(),
             },
             fe_port: 15010,
+            be,
+            app_port: 8080,
             timeout_ms: 50,
             data: get("/1k").into_bytes(),
         }))
     };
     let fe_addr = format!("{}:15006", f.bed.ip("fe"));
     // Wrong key: no answer at all.
-    let forged = wire::encode(&Key::new(&[7; 32]).unwrap(), &offer(&fe_addr));
+    let forged = wire::encode(&Key::new(&[7; 32]).unwrap(), &offer(&fe_addr, be1_receiver));
     assert!(send(&forged).is_empty());
     assert_eq!(
         f.metric("be1", "baton_handoff_refused_total{reason=\"auth\"}"),
@@ -721,18 +724,40 @@ fn forged_replayed_and_foreign_offers_are_refused() {
         1.0
     );
     assert_eq!(f.metric("be1", "baton_handoff_closed_applied_total"), 1.0);
+    let refusal = |reply: Vec<u8>| {
+        assert!(reply.len() > 4, "a refusal is answered");
+        wire::decode(&key, &reply[4..], wire::now_ms()).unwrap().msg
+    };
     // A genuine offer for a flow whose frontend address is outside the CIDRs.
-    let foreign = offer("192.0.2.9:80");
-    let reply = send(&wire::encode(&key, &foreign));
-    assert!(reply.len() > 4, "a refusal is answered");
-    let env = wire::decode(&key, &reply[4..], wire::now_ms()).unwrap();
-    assert_eq!(env.msg, Message::Refused(foreign.nonce, Refusal::Cidr));
+    let foreign = wire::encode(&key, &offer("192.0.2.9:80", be1_receiver));
+    let env = wire::decode(&key, &foreign[4..], wire::now_ms()).unwrap();
+    assert_eq!(
+        refusal(send(&foreign)),
+        Message::Refused(env.nonce, Refusal::Cidr)
+    );
     assert_eq!(
         f.metric("be1", "baton_handoff_refused_total{reason=\"cidr\"}"),
         1.0
     );
-    assert_eq!(f.metric("be1", "baton_handoff_offers_total"), 1.0);
-    assert_eq!(f.elements("be1", "restored"), 0);
+    // The same offer again is a replay: refused before anything is looked at.
+    assert!(send(&foreign).is_empty());
+    assert_eq!(
+        f.metric("be1", "baton_handoff_refused_total{reason=\"replay\"}"),
+        2.0
+    );
+    // An offer meant for another backend (captured and replayed here) is refused.
+    let be2_receiver = format!("{}:15010", f.bed.ip("be2")).parse().unwrap();
+    let elsewhere = offer(&fe_addr, be2_receiver);
+    assert_eq!(
+        refusal(send(&wire::encode(&key, &elsewhere))),
+        Message::Refused(elsewhere.nonce, Refusal::Target)
+    );
+    assert_eq!(
+        f.metric("be1", "baton_handoff_refused_total{reason=\"target\"}"),
+        1.0
+    );
+    assert_eq!(f.metric("be1", "baton_handoff_offers_total"), 2.0);
+    assert_eq!(f.metric("be1", "baton_handoff_active_connections"), 0.0);
 }
 
 #[test]
@@ -786,4 +811,27 @@ fn without_net_admin_handoff_is_off_and_requests_are_proxied() {
         .stdout
         .is_empty());
     assert_eq!(f.metric("be1", "baton_handoff_enabled"), 1.0);
+}
+
+#[test]
+fn a_moved_connection_outlives_the_flow_ttl_while_in_use() {
+    let Some(mut f) = Fleet::new() else { return };
+    let ttl = [("BATON_HANDOFF_FLOW_TTL", "2s".to_string())];
+    f.start_be("be1", &ttl);
+    f.start_be("be2", &ttl);
+    f.start_fe(&ttl);
+    // Idle for twice the TTL between requests: the backend's refreshes keep both
+    // sides' entries alive.
+    let got = f.script(json!([
+        ["send", get("/1k")],
+        ["read"],
+        ["sleep", 4],
+        ["send", get("/1m")],
+        ["read"]
+    ]));
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1]["status"], 200);
+    assert_eq!(got[1]["by"], got[0]["by"]);
+    assert_eq!(got[1]["sha"], sha256(&content(MIB)));
+    assert_eq!(f.metric("fe", "baton_handoffs_total"), 1.0);
 }

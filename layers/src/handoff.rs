@@ -81,7 +81,14 @@ pub struct Handoff {
     replay: ReplayGuard,
     /// BE: moved connections being served, with the FE handoff port to notify.
     live: Mutex<HashMap<Flow, u16>>,
+    /// BE: control connections being handled (bounds what unauthenticated peers cost).
+    control: Arc<tokio::sync::Semaphore>,
+    /// Whether sock_diag notices arrive (else moved flows are forgotten on a timer).
+    diag: std::sync::atomic::AtomicBool,
 }
+
+/// Control connections a BE handles at once.
+const MAX_CONTROL: usize = 512;
 
 impl Handoff {
     /// The runtime for `cfg`.
@@ -91,6 +98,8 @@ impl Handoff {
             metrics,
             replay: ReplayGuard::default(),
             live: Mutex::new(HashMap::new()),
+            control: Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL)),
+            diag: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -121,6 +130,16 @@ impl Handoff {
             .then(|| std::net::SocketAddrV4::new(ip, port.unwrap_or(self.cfg.default_port)))
     }
 
+    /// Whether `ip` is a peer that may talk to this receiver: a frontend it accepts, or
+    /// a baton on the segment.
+    fn trusted_source(&self, ip: Ipv4Addr) -> bool {
+        self.cfg
+            .fe_cidrs
+            .iter()
+            .chain(&self.cfg.peer_nets)
+            .any(|n| n.contains(&ip))
+    }
+
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Flow, u16>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -146,8 +165,15 @@ pub async fn read_message(
     let mut prefix = [0u8; 4];
     stream.read_exact(&mut prefix).await?;
     let len = wire::frame_len(prefix)?;
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
+    // Memory follows what actually arrives, not what the prefix claims.
+    let mut body = Vec::with_capacity(len.min(16 * 1024));
+    (&mut *stream)
+        .take(len as u64)
+        .read_to_end(&mut body)
+        .await?;
+    if body.len() != len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     Ok(wire::decode(key, &body, wire::now_ms())?)
 }
 

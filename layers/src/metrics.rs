@@ -179,7 +179,8 @@ impl Labeled {
         }
     }
 
-    /// The counter of `value` (a value not declared counts as the last one).
+    /// The counter of `value` (a value not declared counts as the last one; the
+    /// declared lists are tested to cover every reason the code uses).
     pub fn get(&self, value: &str) -> &Counter {
         let i = self
             .values
@@ -244,6 +245,10 @@ pub const REFUSAL_REASONS: &[&str] = &[
     "restore",
     "table",
     "busy",
+    "target",
+    "app",
+    "late",
+    "source",
 ];
 
 impl Default for HandoffMetrics {

@@ -1,13 +1,19 @@
 //! The BE side: the receiver on `BATON_HANDOFF_ADDR` that restores offered
-//! connections and serves them from the local application.
+//! connections and serves them from the local application; and the FE side of the
+//! BE's notices ("closed", "alive").
 
 use super::{
     read_message, repair,
-    wire::{self, Flow, Message, Offer, Refusal},
+    wire::{self, Envelope, Flow, Message, Offer, Refusal},
     write_message, Handoff, ReadError,
 };
 use crate::proxy::tcp::{self, ForwardMetrics};
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -16,14 +22,20 @@ use tokio::{
 
 /// How long a control connection may take to send its message.
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
-/// The least a restored socket waits for "go" (beyond the FE's own timeout).
+/// Beyond twice the FE's timeout, how long a restored socket waits for "go".
 const GO_GRACE: Duration = Duration::from_millis(500);
+/// The longest wait for "ready" an offer may ask for.
+const MAX_OFFER_TIMEOUT_MS: u32 = 10_000;
 /// Connecting to the local application.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Without sock_diag: how long after a moved connection ends its entries stay (its
+/// socket may still be closing: FIN exchange, TIME_WAIT).
+const FORGET_AFTER: Duration = Duration::from_secs(60);
 
 impl Handoff {
     /// Accepts handoff control connections on `listener` until `drain` fires. Each
-    /// moved connection's task holds a clone of `drain`, so shutdown waits for them.
+    /// moved connection's task holds a clone of `drain`, so shutdown waits for them
+    /// (up to the grace period).
     pub async fn receive(self: Arc<Self>, listener: TcpListener, mut drain: watch::Receiver<bool>) {
         loop {
             let accepted = tokio::select! {
@@ -32,10 +44,25 @@ impl Handoff {
             };
             match accepted {
                 Ok((conn, from)) => {
+                    let trusted = match from.ip() {
+                        IpAddr::V4(ip) => self.trusted_source(ip),
+                        IpAddr::V6(_) => false,
+                    };
+                    if !trusted {
+                        // Not a frontend it accepts nor a peer: not worth a byte.
+                        self.metrics().refused.get("source").incr();
+                        continue;
+                    }
+                    let Ok(permit) = self.control.clone().try_acquire_owned() else {
+                        self.metrics().refused.get("busy").incr();
+                        continue;
+                    };
                     let _ = conn.set_nodelay(true);
                     let this = self.clone();
                     let drain = drain.clone();
-                    tokio::spawn(async move { this.control(conn, from, drain).await });
+                    tokio::spawn(async move {
+                        this.control(conn, from, drain, permit).await;
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "handoff accept failed");
@@ -52,7 +79,13 @@ impl Handoff {
         }
     }
 
-    async fn control(&self, mut conn: TcpStream, from: SocketAddr, drain: watch::Receiver<bool>) {
+    async fn control(
+        self: Arc<Self>,
+        mut conn: TcpStream,
+        from: SocketAddr,
+        drain: watch::Receiver<bool>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let key = &self.cfg.key;
         let env = match tokio::time::timeout(READ_TIMEOUT, read_message(&mut conn, key)).await {
             Ok(Ok(env)) => env,
@@ -62,14 +95,32 @@ impl Handoff {
         if let Err(e) = self.replay.check(&env, wire::now_ms()) {
             return self.refuse_read(from, &ReadError::Wire(e));
         }
-        match env.msg {
-            Message::Offer(offer) => self.take(conn, from, env.nonce, offer, drain).await,
+        match &env.msg {
+            Message::Offer(_) => {
+                let Message::Offer(offer) = env.msg.clone() else {
+                    return;
+                };
+                // The exchange is done with the control connection either way.
+                if let Some((socket, flow, data)) = self.take(conn, from, &env, offer, &drain).await
+                {
+                    drop(permit);
+                    self.serve_moved(socket, flow, data, drain).await;
+                }
+            }
             Message::Closed(flow) => {
                 // FE role: the BE's copy of a moved connection is gone.
-                if let Err(e) = self.cfg.tables.forget_moved(flow) {
+                if let Err(e) = self.cfg.tables.forget_moved(*flow) {
                     tracing::warn!(error = %e, client = %flow.client, "cannot remove a redirect");
                 }
                 self.metrics().closed_applied.incr();
+            }
+            Message::Alive(flows) => {
+                // FE role: the BE still serves these; keep their redirects (to it).
+                if let IpAddr::V4(be) = from.ip() {
+                    if let Err(e) = self.cfg.tables.refresh_moved(flows, be) {
+                        tracing::warn!(error = %e, "cannot refresh redirects");
+                    }
+                }
             }
             _ => {
                 self.metrics().refused.get("malformed").incr();
@@ -78,22 +129,27 @@ impl Handoff {
         }
     }
 
+    /// Checks and restores an offered connection and completes the ready/go exchange;
+    /// the restored socket once "go" came.
     async fn take(
         &self,
         mut conn: TcpStream,
         from: SocketAddr,
-        nonce: [u8; 16],
+        env: &Envelope,
         offer: Offer,
-        drain: watch::Receiver<bool>,
-    ) {
+        drain: &watch::Receiver<bool>,
+    ) -> Option<(socket2::Socket, Flow, Vec<u8>)> {
         let m = self.metrics();
         m.offers.incr();
         let flow = offer.flow();
+        let nonce = env.nonce;
+        let timeout_ms = offer.timeout_ms.min(MAX_OFFER_TIMEOUT_MS);
         let refuse = |why: Refusal| {
             m.refused.get(why.as_str()).incr();
             tracing::warn!(%from, client = %flow.client, fe = %flow.local, reason = why.as_str(), "refused a handoff");
             wire::encode(&self.cfg.key, &wire::envelope(Message::Refused(nonce, why)))
         };
+        let me = conn.local_addr().ok();
         let refusal = if !self
             .cfg
             .fe_cidrs
@@ -101,6 +157,12 @@ impl Handoff {
             .any(|n| n.contains(flow.local.ip()))
         {
             Some(Refusal::Cidr)
+        } else if me != Some(SocketAddr::V4(offer.be)) {
+            Some(Refusal::Target)
+        } else if offer.app_port != self.cfg.app_addr.port() {
+            Some(Refusal::App)
+        } else if wire::now_ms() > env.sent_ms.saturating_add(u64::from(timeout_ms)) {
+            Some(Refusal::Late)
         } else if *drain.borrow() {
             Some(Refusal::Busy)
         } else {
@@ -108,25 +170,25 @@ impl Handoff {
         };
         if let Some(why) = refusal {
             let _ = write_message(&mut conn, &refuse(why)).await;
-            return;
+            return None;
         }
         let socket = match repair::restore(&offer.tcp) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot restore the offered socket");
                 let _ = write_message(&mut conn, &refuse(Refusal::Restore)).await;
-                return;
+                return None;
             }
         };
         if let Err(e) = self.cfg.tables.deliver(flow) {
             tracing::warn!(error = %e, "cannot install local delivery");
             repair::close_silently(&socket);
             let _ = write_message(&mut conn, &refuse(Refusal::Table)).await;
-            return;
+            return None;
         }
         // Restored and reachable: say so, then write nothing before "go".
         let ready = wire::encode(&self.cfg.key, &wire::envelope(Message::Ready(nonce)));
-        let wait = Duration::from_millis(u64::from(offer.timeout_ms)) + GO_GRACE;
+        let wait = Duration::from_millis(2 * u64::from(timeout_ms)) + GO_GRACE;
         let go = async {
             write_message(&mut conn, &ready).await?;
             let env = read_message(&mut conn, &self.cfg.key).await?;
@@ -134,28 +196,41 @@ impl Handoff {
             Ok::<_, ReadError>(env.msg == Message::Go(nonce))
         };
         if !matches!(tokio::time::timeout(wait, go).await, Ok(Ok(true))) {
-            // The FE kept the connection (or vanished): leave no trace.
+            // The FE kept the connection (or vanished): leave no trace. Should the FE
+            // have switched after all, the notice removes its redirect, so the client
+            // gets a reset rather than silence.
             m.aborted.incr();
             repair::close_silently(&socket);
             let _ = self.cfg.tables.forget_restored(flow);
+            self.notify_closed(flow, offer.fe_port).await;
             tracing::debug!(client = %flow.client, "handoff aborted before go");
-            return;
+            return None;
         }
-        drop(conn);
         self.live().insert(flow, offer.fe_port);
-        self.serve_moved(socket, flow, offer.data, drain).await;
+        Some((socket, flow, offer.data))
     }
 
     /// Serves a moved connection: the carried bytes, then everything both ways, between
     /// the client and the local application.
     async fn serve_moved(
-        &self,
+        self: Arc<Self>,
         socket: socket2::Socket,
         flow: Flow,
         data: Vec<u8>,
         _drain: watch::Receiver<bool>,
     ) {
-        let _active = self.metrics().active.track();
+        {
+            let _active = self.metrics().active.track();
+            self.relay(socket, flow, &data).await;
+        }
+        if !self.diag.load(Ordering::Acquire) {
+            // No destruction notices: forget the flow once its socket has surely gone.
+            tokio::time::sleep(FORGET_AFTER).await;
+            self.destroyed(flow).await;
+        }
+    }
+
+    async fn relay(&self, socket: socket2::Socket, flow: Flow, data: &[u8]) {
         let std: std::net::TcpStream = socket.into();
         let mut client = match TcpStream::from_std(std) {
             Ok(c) => c,
@@ -180,12 +255,22 @@ impl Handoff {
         };
         let _ = app.set_nodelay(true);
         let metrics = ForwardMetrics::default();
-        match tcp::forward(&mut client, &data, &mut app, &metrics).await {
+        match tcp::forward(&mut client, data, &mut app, &metrics).await {
             Ok((up, down)) => {
                 tracing::debug!(client = %flow.client, to_app = up, to_client = down, "moved connection done")
             }
             Err(e) => tracing::debug!(client = %flow.client, error = %e, "moved connection ended"),
         }
+    }
+
+    /// Whether `flow` is a moved connection this BE serves.
+    pub fn is_live(&self, flow: &Flow) -> bool {
+        self.live().contains_key(flow)
+    }
+
+    /// Records whether sock_diag notices arrive.
+    pub fn set_diag(&self, on: bool) {
+        self.diag.store(on, Ordering::Release);
     }
 
     /// The kernel destroyed a socket: if it was a moved connection, remove its local
@@ -197,18 +282,57 @@ impl Handoff {
         if let Err(e) = self.cfg.tables.forget_restored(flow) {
             tracing::warn!(error = %e, "cannot remove local delivery");
         }
-        let fe = SocketAddr::from((*flow.local.ip(), fe_port));
-        let notice = wire::encode(&self.cfg.key, &wire::envelope(Message::Closed(flow)));
+        self.notify_closed(flow, fe_port).await;
+    }
+
+    async fn notify_closed(&self, flow: Flow, fe_port: u16) {
+        let fe = SocketAddrV4::new(*flow.local.ip(), fe_port);
+        if self.notify(fe, Message::Closed(flow)).await {
+            self.metrics().closed_sent.incr();
+        } else {
+            tracing::info!(%fe, client = %flow.client, "cannot tell the frontend a moved connection closed; its redirect expires on its own");
+        }
+    }
+
+    async fn notify(&self, fe: SocketAddrV4, msg: Message) -> bool {
+        let frame = wire::encode(&self.cfg.key, &wire::envelope(msg));
         let sent = tokio::time::timeout(READ_TIMEOUT, async {
             let mut c = TcpStream::connect(fe).await?;
-            write_message(&mut c, &notice).await?;
+            write_message(&mut c, &frame).await?;
             c.shutdown().await
         })
         .await;
-        match sent {
-            Ok(Ok(())) => self.metrics().closed_sent.incr(),
-            _ => {
-                tracing::info!(%fe, client = %flow.client, "cannot tell the frontend a moved connection closed; its redirect expires on its own")
+        matches!(sent, Ok(Ok(())))
+    }
+
+    /// Keeps the kernel entries of live moved connections from expiring: every third
+    /// of `BATON_HANDOFF_FLOW_TTL`, refreshes this BE's local delivery and tells each
+    /// FE which of its redirects are still in use. Runs until the process ends.
+    pub async fn refresh(self: Arc<Self>) {
+        let every = self.cfg.tables.flow_ttl() / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let live: Vec<(Flow, u16)> = self.live().iter().map(|(f, p)| (*f, *p)).collect();
+            if live.is_empty() {
+                continue;
+            }
+            let flows: Vec<Flow> = live.iter().map(|(f, _)| *f).collect();
+            if let Err(e) = self.cfg.tables.refresh_restored(&flows) {
+                tracing::warn!(error = %e, "cannot refresh local delivery");
+            }
+            let mut by_fe: HashMap<SocketAddrV4, Vec<Flow>> = HashMap::new();
+            for (flow, port) in live {
+                by_fe
+                    .entry(SocketAddrV4::new(*flow.local.ip(), port))
+                    .or_default()
+                    .push(flow);
+            }
+            for (fe, flows) in by_fe {
+                for chunk in flows.chunks(wire::MAX_ALIVE) {
+                    if !self.notify(fe, Message::Alive(chunk.to_vec())).await {
+                        tracing::info!(%fe, "cannot refresh a frontend's redirects");
+                    }
+                }
             }
         }
     }

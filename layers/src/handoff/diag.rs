@@ -15,17 +15,36 @@ pub fn subscribe() -> io::Result<TokioSocket> {
     let mut s = TokioSocket::new(NETLINK_SOCK_DIAG)?;
     s.socket_mut().bind_auto()?;
     s.socket_mut().add_membership(SKNLGRP_INET_TCP_DESTROY)?;
+    // Every TCP socket of the namespace is reported: room for bursts.
+    let _ = s.socket_mut().set_rx_buf_sz(4 << 20);
     Ok(s)
 }
 
-/// Feeds destroyed IPv4 sockets to [`Handoff::destroyed`] until the socket fails.
+/// Hands destroyed moved connections to [`Handoff::destroyed`] (on their own tasks,
+/// so the notices keep being read) until the socket fails. Notices lost to an
+/// overrun only delay cleanup to the entries' timeouts.
 pub async fn watch(handoff: Arc<Handoff>, socket: TokioSocket) -> io::Result<()> {
-    loop {
-        let (buf, _) = socket.recv_from_full().await?;
+    handoff.set_diag(true);
+    let result = loop {
+        let buf = match socket.recv_from_full().await {
+            Ok((buf, _)) => buf,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                tracing::debug!(
+                    "socket destruction notices overran; some flows expire by their timeout"
+                );
+                continue;
+            }
+            Err(e) => break Err(e),
+        };
         for flow in parse(&buf) {
-            handoff.destroyed(flow).await;
+            if handoff.is_live(&flow) {
+                let h = handoff.clone();
+                tokio::spawn(async move { h.destroyed(flow).await });
+            }
         }
-    }
+    };
+    handoff.set_diag(false);
+    result
 }
 
 /// The flows (client, local) of the `inet_diag_msg`s in a netlink datagram.

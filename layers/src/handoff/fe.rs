@@ -39,6 +39,9 @@ use tower_service::Service;
 
 /// Most bytes the gate records beyond what baton read itself.
 const MAX_CAPTURE: usize = 64 * 1024;
+/// Most request bytes an offer carries (with the unread ones, it stays well inside
+/// [`wire::MAX_MESSAGE`]).
+const MAX_OFFER_DATA: usize = 128 * 1024;
 
 /// The right to take one HTTP/1 connection away from its server, attached to the
 /// connection's first request.
@@ -47,15 +50,18 @@ pub struct Takeover(Arc<Shared>);
 
 #[derive(Debug)]
 struct Shared {
-    fd: OwnedFd,
     flow: Flow,
-    read: Bytes,
     gate: Mutex<Gate>,
     taken: AtomicBool,
 }
 
 #[derive(Debug, Default)]
 struct Gate {
+    /// A duplicate of the socket's descriptor, until the first request is decided
+    /// (it keeps the socket alive while a handoff works on it).
+    fd: Option<OwnedFd>,
+    /// What baton read before the server: the first request head and what followed.
+    read: Bytes,
     /// Recording what the server reads (until the first request is decided).
     capturing: bool,
     /// The socket is frozen: the server's reads wait.
@@ -63,24 +69,31 @@ struct Gate {
     /// The connection is gone to a BE: every server operation fails.
     moved: bool,
     captured: Vec<u8>,
-    waiter: Option<Waker>,
+    /// The server's read and write waiting on a frozen socket.
+    reader: Option<Waker>,
+    writer: Option<Waker>,
 }
 
 impl Takeover {
-    /// A takeover of `stream`, whose server will first replay `read` (the first request
-    /// head and whatever followed it). `None` for what cannot move (not IPv4).
-    pub fn new(stream: &TcpStream, read: Bytes) -> Option<Self> {
+    /// A takeover of `stream`, accepted for `orig_dst`, whose server will first replay
+    /// `read` (the first request head and whatever followed it). `None` for what
+    /// cannot move: not IPv4, or a socket whose local address is not the one on the
+    /// wire (REDIRECT capture rewrites it, so kernel tables keyed by it would miss).
+    pub fn new(stream: &TcpStream, read: Bytes, orig_dst: std::net::SocketAddr) -> Option<Self> {
         let (std::net::SocketAddr::V4(local), std::net::SocketAddr::V4(client)) =
             (stream.local_addr().ok()?, stream.peer_addr().ok()?)
         else {
             return None;
         };
+        if std::net::SocketAddr::V4(local) != orig_dst {
+            return None;
+        }
         let fd = stream.as_fd().try_clone_to_owned().ok()?;
         Some(Self(Arc::new(Shared {
-            fd,
             flow: Flow { client, local },
-            read,
             gate: Mutex::new(Gate {
+                fd: Some(fd),
+                read,
                 capturing: true,
                 ..Gate::default()
             }),
@@ -97,11 +110,17 @@ impl Takeover {
         !self.0.taken.swap(true, Ordering::AcqRel)
     }
 
-    /// The first request is decided without a handoff: stop recording.
+    /// The first request is decided without a handoff: stop recording and let go of
+    /// the descriptor and the bytes (a clone may outlive the decision).
     pub fn release(&self) {
         let mut g = self.gate();
+        if g.frozen {
+            return; // a handoff is in progress; it opens the gate itself
+        }
         g.capturing = false;
         g.captured = Vec::new();
+        g.read = Bytes::new();
+        g.fd = None;
     }
 
     /// Whether the connection went to a BE (the server's error is expected then).
@@ -109,26 +128,28 @@ impl Takeover {
         self.gate().moved
     }
 
-    /// Holds the server's reads and returns everything it has not answered: baton's
-    /// read, then what the server read since.
-    fn freeze_gate(&self) -> Option<Vec<u8>> {
+    /// Holds the server's reads and returns the descriptor and everything the server
+    /// has not answered: baton's read, then what the server read since.
+    fn freeze_gate(&self) -> Option<(OwnedFd, Vec<u8>)> {
         let mut g = self.gate();
-        if !g.capturing {
-            return None; // over the capture bound: cannot know what the server holds
+        if !g.capturing || g.read.len() + g.captured.len() > MAX_OFFER_DATA {
+            return None; // cannot know (or carry) what the server holds
         }
+        let fd = g.fd.take()?;
         g.frozen = true;
-        let mut data = Vec::with_capacity(self.0.read.len() + g.captured.len());
-        data.extend_from_slice(&self.0.read);
+        let mut data = Vec::with_capacity(g.read.len() + g.captured.len());
+        data.extend_from_slice(&g.read);
         data.extend_from_slice(&g.captured);
-        Some(data)
+        g.read = Bytes::new();
+        g.captured = Vec::new();
+        Some((fd, data))
     }
 
     fn open_gate(&self) {
         let mut g = self.gate();
         g.frozen = false;
         g.capturing = false;
-        g.captured = Vec::new();
-        if let Some(w) = g.waiter.take() {
+        for w in [g.reader.take(), g.writer.take()].into_iter().flatten() {
             w.wake();
         }
     }
@@ -136,8 +157,12 @@ impl Takeover {
     fn moved_gate(&self) {
         let mut g = self.gate();
         g.moved = true;
-        g.captured = Vec::new();
-        if let Some(w) = g.waiter.take() {
+        g.frozen = false;
+        // The reader is not woken: it would only learn the connection is gone, and
+        // the server finishes the connection through the request's answer instead. A
+        // write that waited (an answer given up on) fails now.
+        g.reader = None;
+        if let Some(w) = g.writer.take() {
             w.wake();
         }
     }
@@ -168,14 +193,23 @@ impl TakeoverIo {
 
     /// Checks the gate: `Some(result)` answers the operation without touching the
     /// socket. Drops the takeover once it can no longer matter.
-    fn gated(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<()>>> {
+    ///
+    /// After a move, reads stay pending and writes fail: the server then ends the
+    /// connection when it writes the (empty) answer of the handed-off request — after
+    /// that request's future has completed, so it is counted like any other.
+    fn gated(&mut self, cx: &mut Context<'_>, read: bool) -> Option<Poll<io::Result<()>>> {
         let t = self.takeover.as_ref()?;
         let mut g = t.gate();
         if g.moved {
-            return Some(Poll::Ready(Err(io::Error::other("connection handed off"))));
+            return Some(if read {
+                Poll::Pending
+            } else {
+                Poll::Ready(Err(io::Error::other("connection handed off")))
+            });
         }
         if g.frozen {
-            g.waiter = Some(cx.waker().clone());
+            let slot = if read { &mut g.reader } else { &mut g.writer };
+            *slot = Some(cx.waker().clone());
             return Some(Poll::Pending);
         }
         if !g.capturing {
@@ -192,7 +226,7 @@ impl AsyncRead for TakeoverIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if let Some(gated) = self.gated(cx) {
+        if let Some(gated) = self.gated(cx, true) {
             return gated;
         }
         let before = buf.filled().len();
@@ -218,7 +252,7 @@ impl AsyncWrite for TakeoverIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let Some(gated) = self.gated(cx) {
+        if let Some(gated) = self.gated(cx, false) {
             return gated.map_ok(|()| 0);
         }
         Pin::new(&mut self.stream).poll_write(cx, buf)
@@ -229,7 +263,7 @@ impl AsyncWrite for TakeoverIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if let Some(gated) = self.gated(cx) {
+        if let Some(gated) = self.gated(cx, false) {
             return gated.map_ok(|()| 0);
         }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
@@ -240,14 +274,14 @@ impl AsyncWrite for TakeoverIo {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Some(gated) = self.gated(cx) {
+        if let Some(gated) = self.gated(cx, false) {
             return gated;
         }
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Some(gated) = self.gated(cx) {
+        if let Some(gated) = self.gated(cx, false) {
             return gated;
         }
         Pin::new(&mut self.stream).poll_shutdown(cx)
@@ -278,9 +312,9 @@ impl<N: NewService<Endpoint>> NewService<Endpoint> for NewTerminal<N> {
 
     fn new_service(&self, ep: Endpoint) -> Self::Service {
         let peer = match (&self.handoff, ep.addr.ip()) {
-            (Some(h), std::net::IpAddr::V4(ip)) if h.serves(&ep.logical.service) => {
-                h.peer(ip, ep.handoff_port).map(|p| (h.clone(), p))
-            }
+            (Some(h), std::net::IpAddr::V4(ip)) if h.serves(&ep.logical.service) => h
+                .peer(ip, ep.handoff_port)
+                .map(|p| (h.clone(), p, ep.addr.port())),
             _ => None,
         };
         Terminal {
@@ -295,7 +329,8 @@ impl<N: NewService<Endpoint>> NewService<Endpoint> for NewTerminal<N> {
 #[derive(Clone, Debug)]
 pub struct Terminal<S> {
     inner: S,
-    peer: Option<(Arc<Handoff>, SocketAddrV4)>,
+    /// The handoff runtime, the peer's receiver, and the endpoint's port.
+    peer: Option<(Arc<Handoff>, SocketAddrV4, u16)>,
 }
 
 type HandoffFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>;
@@ -314,7 +349,7 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let Some((handoff, peer)) = &self.peer else {
+        let Some((handoff, peer, app_port)) = &self.peer else {
             return Either::Left(self.inner.call(req));
         };
         let Some(takeover) = eligible(&req) else {
@@ -323,9 +358,15 @@ where
         // The ready service goes into the future, for the fallback.
         let fresh = self.inner.clone();
         let mut ready = std::mem::replace(&mut self.inner, fresh);
-        let (handoff, peer) = (handoff.clone(), *peer);
+        let (handoff, peer, app_port) = (handoff.clone(), *peer, *app_port);
         Either::Right(Box::pin(async move {
-            if handoff.hand_off(&takeover, peer).await {
+            // On its own task: if this request is abandoned (its deadline passes), the
+            // handoff still runs to a clean end — moved, or thawed and released —
+            // instead of leaving a frozen socket behind.
+            let moved = tokio::spawn(handoff.hand_off(takeover, peer, app_port))
+                .await
+                .unwrap_or(false);
+            if moved {
                 let mut rsp = Response::new(Body::Empty);
                 rsp.extensions_mut().insert(HandedOff);
                 return Ok(rsp);
@@ -355,13 +396,14 @@ fn eligible(req: &Request<Body>) -> Option<Takeover> {
 }
 
 impl Handoff {
-    /// Hands `t`'s connection to the baton at `peer`. `true` once the BE has it;
-    /// `false` after any failure, with the connection back as it was.
-    pub async fn hand_off(&self, t: &Takeover, peer: SocketAddrV4) -> bool {
+    /// Hands `t`'s connection to the baton at `peer` (its application on `app_port`).
+    /// `true` once the BE has it; `false` after any failure, with the connection back
+    /// as it was.
+    pub async fn hand_off(self: Arc<Self>, t: Takeover, peer: SocketAddrV4, app_port: u16) -> bool {
         let m = self.metrics();
         m.attempts.incr();
         let flow = t.0.flow;
-        match self.try_hand_off(t, peer).await {
+        match self.try_hand_off(&t, peer, app_port).await {
             Ok(started) => {
                 m.handed_off.incr();
                 m.latency.observe(started.elapsed());
@@ -381,12 +423,24 @@ impl Handoff {
         &self,
         t: &Takeover,
         peer: SocketAddrV4,
+        app_port: u16,
     ) -> Result<Instant, &'static str> {
         let flow = t.0.flow;
-        let fd = t.0.fd.as_fd();
         let tables = &self.cfg.tables;
-        let Some(mut data) = t.freeze_gate() else {
+        let Some((owned, mut data)) = t.freeze_gate() else {
             return Err("socket");
+        };
+        let fd = owned.as_fd();
+        // Puts everything back as it was; the request is then proxied.
+        let thaw = |reason| {
+            if let Err(e) = repair::thaw(fd) {
+                tracing::error!(error = %e, "cannot thaw a frozen socket");
+            }
+            if let Err(e) = tables.release(flow) {
+                tracing::warn!(error = %e, client = %flow.client, "cannot release a held flow; it expires on its own");
+            }
+            t.open_gate();
+            Err(reason)
         };
         // 1. hold: nothing reaches the socket (or draws an RST) while it moves.
         if let Err(e) = tables.hold(flow) {
@@ -400,6 +454,7 @@ impl Handoff {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!(error = %e, "socket cannot move");
+                // dump() left the socket thawed.
                 let _ = tables.release(flow);
                 t.open_gate();
                 return Err("socket");
@@ -409,24 +464,22 @@ impl Handoff {
         let offer = wire::envelope(Message::Offer(Offer {
             tcp,
             fe_port: self.cfg.listen_port,
+            be: peer,
+            app_port,
             timeout_ms: u32::try_from(self.cfg.timeout.as_millis()).unwrap_or(u32::MAX),
             data,
         }));
         // 3. offer, and wait (bounded) for "ready".
         let ready = tokio::time::timeout(self.cfg.timeout, self.offer(peer, &offer)).await;
-        let thaw = |reason| {
-            if let Err(e) = repair::thaw(fd) {
-                tracing::error!(error = %e, "cannot thaw a frozen socket");
-            }
-            let _ = tables.release(flow);
-            t.open_gate();
-            Err(reason)
-        };
         let mut control = match ready {
             Ok(Ok(control)) => control,
             Ok(Err(reason)) => return thaw(reason),
             Err(_) => return thaw("timeout"),
         };
+        // Nothing may have reached the socket since the dump: it would not travel.
+        if !matches!(repair::unchanged(fd, &tcp, unread.len()), Ok(true)) {
+            return thaw("socket");
+        }
         // 4. switch: hold -> redirect in one batch, then "go".
         if let Err(e) = tables.redirect(flow, *peer.ip()) {
             tracing::warn!(error = %e, "cannot install the redirect");
@@ -436,10 +489,13 @@ impl Handoff {
         let sent = tokio::time::timeout(self.cfg.timeout, write_message(&mut control, &go)).await;
         if !matches!(sent, Ok(Ok(()))) {
             // The BE will give up on its copy; take the flow back.
-            let _ = tables.unredirect_to_hold(flow);
+            if tables.unredirect_to_hold(flow).is_err() && tables.forget_moved(flow).is_err() {
+                tracing::error!(client = %flow.client, "cannot remove a redirect; the flow is lost until it expires");
+            }
             return thaw("protocol");
         }
-        // 5. the frozen socket closes without a trace once the server lets go of it.
+        // 5. the frozen socket closes without a trace once the server lets go of it
+        // (this descriptor closes when `fd`'s owner drops, in repair mode too).
         t.moved_gate();
         Ok(started)
     }

@@ -43,6 +43,9 @@ pub const MOVED: &str = "moved";
 /// The BE's set of restored flows: their packets are marked for local delivery.
 pub const RESTORED: &str = "restored";
 
+/// Flows per refresh batch.
+const REFRESH_CHUNK: usize = 256;
+
 /// The `netdev` table baton's handoff sets live in.
 #[derive(Clone, Debug)]
 pub struct Tables {
@@ -120,6 +123,60 @@ impl Tables {
     /// FE: the moved connection is gone.
     pub fn forget_moved(&self, flow: Flow) -> io::Result<()> {
         self.apply(&[Op::Remove { set: MOVED, flow }])
+    }
+
+    /// FE: keep the redirects of `flows` to `be` from expiring (a BE said they are
+    /// alive). Each element is replaced (destroy + add in one batch), which resets
+    /// its timeout on any kernel.
+    pub fn refresh_moved(&self, flows: &[Flow], be: Ipv4Addr) -> io::Result<()> {
+        for chunk in flows.chunks(REFRESH_CHUNK) {
+            let ops: Vec<Op> = chunk
+                .iter()
+                .flat_map(|&flow| {
+                    [
+                        Op::Remove { set: MOVED, flow },
+                        Op::Add {
+                            set: MOVED,
+                            flow,
+                            data: Some(be),
+                            ttl: self.flow_ttl,
+                        },
+                    ]
+                })
+                .collect();
+            self.apply(&ops)?;
+        }
+        Ok(())
+    }
+
+    /// BE: keep the local delivery of `flows` from expiring.
+    pub fn refresh_restored(&self, flows: &[Flow]) -> io::Result<()> {
+        for chunk in flows.chunks(REFRESH_CHUNK) {
+            let ops: Vec<Op> = chunk
+                .iter()
+                .flat_map(|&flow| {
+                    [
+                        Op::Remove {
+                            set: RESTORED,
+                            flow,
+                        },
+                        Op::Add {
+                            set: RESTORED,
+                            flow,
+                            data: None,
+                            ttl: self.flow_ttl,
+                        },
+                    ]
+                })
+                .collect();
+            self.apply(&ops)?;
+        }
+        Ok(())
+    }
+
+    /// How long moved and restored entries live without a refresh.
+    pub fn flow_ttl(&self) -> Duration {
+        self.flow_ttl
     }
 
     /// BE: deliver the flow's packets to the local (restored) socket.

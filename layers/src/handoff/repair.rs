@@ -129,9 +129,25 @@ pub enum DumpError {
     /// More unread bytes than travel with a handoff.
     #[error("{0} unread bytes")]
     TooMuchUnread(i32),
+    /// Segments kept arriving while the state was read.
+    #[error("the receive queue kept changing")]
+    Moving,
     /// A system call failed.
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+/// Whether the frozen socket is still exactly as [`dump`] saw it: established,
+/// nothing received since (`rcv_seq` and `unread` bytes unchanged). Checked right
+/// before the switch: anything that arrived after the dump would be lost by moving.
+pub fn unchanged(fd: BorrowedFd<'_>, state: &TcpState, unread: usize) -> io::Result<bool> {
+    let mut info = [0u8; 8];
+    get_opt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
+    set_u32(fd, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)?;
+    let seq = get_u32(fd, TCP_QUEUE_SEQ)?;
+    let inq = ioctl_int(fd, SIOCINQ)?;
+    set_u32(fd, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
+    Ok(info[0] == TCP_ESTABLISHED && seq == state.rcv_seq && inq as usize == unread)
 }
 
 fn set_u32(fd: BorrowedFd<'_>, name: libc::c_int, v: u32) -> io::Result<()> {
@@ -203,10 +219,6 @@ fn dump_frozen(
     if outq != 0 {
         return Err(DumpError::Unacked(outq));
     }
-    let inq = ioctl_int(fd, SIOCINQ)?;
-    if inq < 0 || inq as usize > MAX_UNREAD {
-        return Err(DumpError::TooMuchUnread(inq));
-    }
     let options = info[5];
     let mut state = TcpState {
         local,
@@ -229,12 +241,33 @@ fn dump_frozen(
     let mut win = [0u8; 20];
     get_opt(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &mut win)?;
     state.window = RepairWindow::from_bytes(&win);
+    // Repair mode still receives: a segment that slipped past the hold (or sat in the
+    // backlog) may land while we read. Read until the receive side holds still.
     set_u32(fd, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)?;
-    state.rcv_seq = get_u32(fd, TCP_QUEUE_SEQ)?;
-    let mut unread = vec![0u8; inq as usize];
-    if inq > 0 {
-        let n = recv_peek(fd, &mut unread)?;
+    let mut unread = Vec::new();
+    let mut stable = false;
+    for _ in 0..3 {
+        let seq = get_u32(fd, TCP_QUEUE_SEQ)?;
+        let inq = ioctl_int(fd, SIOCINQ)?;
+        if inq < 0 || inq as usize > MAX_UNREAD {
+            return Err(DumpError::TooMuchUnread(inq));
+        }
+        unread.resize(inq as usize, 0);
+        let n = if inq > 0 {
+            recv_peek(fd, &mut unread)?
+        } else {
+            0
+        };
         unread.truncate(n);
+        if get_u32(fd, TCP_QUEUE_SEQ)? == seq && ioctl_int(fd, SIOCINQ)? == inq && n == inq as usize
+        {
+            state.rcv_seq = seq;
+            stable = true;
+            break;
+        }
+    }
+    if !stable {
+        return Err(DumpError::Moving);
     }
     set_u32(fd, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
     state.snd_seq = get_u32(fd, TCP_QUEUE_SEQ)?;
@@ -298,11 +331,13 @@ pub fn restore(state: &TcpState) -> io::Result<Socket> {
         TCP_REPAIR_WINDOW,
         &state.window.to_bytes(),
     )?;
+    // Options that could fail come before leaving repair mode: dropping a socket in
+    // repair mode is silent, afterwards it would send a FIN from the FE's address.
+    s.set_nonblocking(true)?;
+    s.set_tcp_nodelay(true)?;
     // Out of repair mode without the usual window probe: the BE must not transmit
     // before "go" (see the module docs of `handoff`).
     set_u32(fd, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)?;
-    s.set_nonblocking(true)?;
-    s.set_tcp_nodelay(true)?;
     Ok(s)
 }
 
@@ -351,6 +386,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let (state, unread) = dump(server.as_fd()).unwrap();
         assert_eq!(unread, b"unread");
+        assert!(unchanged(server.as_fd(), &state, unread.len()).unwrap());
         assert!(state.mss > 0);
         close_silently(&server);
         drop(server);

@@ -72,8 +72,14 @@ pub struct Flow {
 pub struct Offer {
     /// The socket state (its addresses are the flow).
     pub tcp: TcpState,
-    /// The FE's handoff port, for the BE's "closed" notice.
+    /// The FE's handoff port, for the BE's "closed" and "alive" notices.
     pub fe_port: u16,
+    /// The BE receiver the FE dialled: a BE refuses offers meant for another, so a
+    /// captured offer cannot be replayed elsewhere.
+    pub be: SocketAddrV4,
+    /// The port of the endpoint the FE chose: the BE serves it only from an
+    /// application on that port.
+    pub app_port: u16,
     /// How long the FE waits for "ready" (the BE gives up waiting for "go" after it).
     pub timeout_ms: u32,
     /// Bytes the client sent that the BE's application must see first: the request
@@ -103,6 +109,12 @@ pub enum Refusal {
     Table = 3,
     /// The BE is shutting down or at capacity.
     Busy = 4,
+    /// The offer names another BE.
+    Target = 5,
+    /// The offer's endpoint port is not this BE's application.
+    App = 6,
+    /// The FE has given up waiting already.
+    Late = 7,
 }
 
 impl Refusal {
@@ -113,6 +125,9 @@ impl Refusal {
             Self::Restore => "restore",
             Self::Table => "table",
             Self::Busy => "busy",
+            Self::Target => "target",
+            Self::App => "app",
+            Self::Late => "late",
         }
     }
 
@@ -122,6 +137,9 @@ impl Refusal {
             2 => Self::Restore,
             3 => Self::Table,
             4 => Self::Busy,
+            5 => Self::Target,
+            6 => Self::App,
+            7 => Self::Late,
             _ => return None,
         })
     }
@@ -140,7 +158,13 @@ pub enum Message {
     Go([u8; 16]),
     /// BE -> FE: the moved connection is gone; remove its redirect.
     Closed(Flow),
+    /// BE -> FE: these moved connections are alive; keep their redirects (to the
+    /// sender) from expiring.
+    Alive(Vec<Flow>),
 }
+
+/// Most flows one "alive" notice carries.
+pub const MAX_ALIVE: usize = 4096;
 
 impl Message {
     fn kind(&self) -> u8 {
@@ -150,6 +174,7 @@ impl Message {
             Self::Refused(..) => 3,
             Self::Go(_) => 4,
             Self::Closed(_) => 5,
+            Self::Alive(_) => 6,
         }
     }
 }
@@ -232,6 +257,9 @@ pub fn encode(key: &Key, env: &Envelope) -> Vec<u8> {
                 b.extend_from_slice(&v.to_be_bytes());
             }
             b.extend_from_slice(&o.fe_port.to_be_bytes());
+            b.extend_from_slice(&o.be.ip().octets());
+            b.extend_from_slice(&o.be.port().to_be_bytes());
+            b.extend_from_slice(&o.app_port.to_be_bytes());
             b.extend_from_slice(&o.timeout_ms.to_be_bytes());
             b.extend_from_slice(&(o.data.len() as u32).to_be_bytes());
             b.extend_from_slice(&o.data);
@@ -242,6 +270,13 @@ pub fn encode(key: &Key, env: &Envelope) -> Vec<u8> {
             b.push(*r as u8);
         }
         Message::Closed(f) => put_flow(&mut b, *f),
+        Message::Alive(flows) => {
+            let n = flows.len().min(MAX_ALIVE);
+            b.extend_from_slice(&(n as u16).to_be_bytes());
+            for f in &flows[..n] {
+                put_flow(&mut b, *f);
+            }
+        }
     }
     let mut mac = key.0.clone();
     mac.update(&b[4..]);
@@ -301,6 +336,8 @@ pub fn decode(key: &Key, msg: &[u8], now_ms: u64) -> Result<Envelope, WireError>
                 rcv_wup: r.u32()?,
             };
             let fe_port = r.u16()?;
+            let be = r.addr()?;
+            let app_port = r.u16()?;
             let timeout_ms = r.u32()?;
             let len = r.u32()? as usize;
             let data = r.take(len)?.to_vec();
@@ -318,6 +355,8 @@ pub fn decode(key: &Key, msg: &[u8], now_ms: u64) -> Result<Envelope, WireError>
                     window,
                 },
                 fe_port,
+                be,
+                app_port,
                 timeout_ms,
                 data,
             })
@@ -330,6 +369,13 @@ pub fn decode(key: &Key, msg: &[u8], now_ms: u64) -> Result<Envelope, WireError>
         }
         4 => Message::Go(r.array()?),
         5 => Message::Closed(r.flow()?),
+        6 => {
+            let n = usize::from(r.u16()?);
+            if n > MAX_ALIVE {
+                return Err(WireError::Malformed);
+            }
+            Message::Alive((0..n).map(|_| r.flow()).collect::<Result<_, _>>()?)
+        }
         _ => return Err(WireError::Malformed),
     };
     if !r.0.is_empty() {
@@ -393,7 +439,13 @@ impl<'a> Reader<'a> {
 /// still pass the clock check, and refuses any nonce seen again.
 #[derive(Debug, Default)]
 pub struct ReplayGuard {
-    seen: Mutex<HashMap<[u8; 16], u64>>,
+    seen: Mutex<Seen>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    nonces: HashMap<[u8; 16], u64>,
+    pruned_ms: u64,
 }
 
 impl ReplayGuard {
@@ -402,10 +454,14 @@ impl ReplayGuard {
     pub fn check(&self, env: &Envelope, now_ms: u64) -> Result<(), WireError> {
         let window = MAX_SKEW.as_millis() as u64;
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.len() >= 1024 {
-            seen.retain(|_, sent| sent.saturating_add(window) >= now_ms);
+        // A message older than the window fails the clock check, so its nonce can go;
+        // sweeping at most once a second keeps each check O(1) on average.
+        if now_ms.saturating_sub(seen.pruned_ms) >= 1000 {
+            seen.nonces
+                .retain(|_, sent| sent.saturating_add(window) >= now_ms);
+            seen.pruned_ms = now_ms;
         }
-        match seen.entry(env.nonce) {
+        match seen.nonces.entry(env.nonce) {
             std::collections::hash_map::Entry::Occupied(_) => Err(WireError::Replay),
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(env.sent_ms);
@@ -444,6 +500,8 @@ mod tests {
                 },
             },
             fe_port: 15010,
+            be: "10.0.0.3:15010".parse().unwrap(),
+            app_port: 8080,
             timeout_ms: 50,
             data: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
         })
@@ -460,6 +518,8 @@ mod tests {
             Message::Refused([2; 16], Refusal::Cidr),
             Message::Go([3; 16]),
             Message::Closed(flow),
+            Message::Alive(vec![flow, flow]),
+            Message::Alive(vec![]),
         ]
     }
 
@@ -516,6 +576,37 @@ mod tests {
         assert_eq!(guard.check(&env, env.sent_ms), Ok(()));
         assert_eq!(guard.check(&env, env.sent_ms), Err(WireError::Replay));
         assert_eq!(guard.check(&envelope(offer()), env.sent_ms), Ok(()));
+    }
+
+    #[test]
+    fn every_refusal_reason_has_a_metric_label() {
+        let reasons = [
+            Refusal::Cidr,
+            Refusal::Restore,
+            Refusal::Table,
+            Refusal::Busy,
+            Refusal::Target,
+            Refusal::App,
+            Refusal::Late,
+        ];
+        for r in reasons {
+            assert!(
+                crate::metrics::REFUSAL_REASONS.contains(&r.as_str()),
+                "{r:?}"
+            );
+            assert_eq!(Refusal::from_u8(r as u8), Some(r));
+        }
+        for e in [
+            WireError::Malformed,
+            WireError::Auth,
+            WireError::Stale,
+            WireError::Replay,
+        ] {
+            assert!(
+                crate::metrics::REFUSAL_REASONS.contains(&e.as_str()),
+                "{e:?}"
+            );
+        }
     }
 
     #[test]
