@@ -179,6 +179,7 @@ async fn start_handoff(
     }
     tokio::spawn(handoff.clone().receive(listener, drain));
     tokio::spawn(handoff.clone().refresh());
+    tokio::spawn(handoff.clone().notices());
     metrics.global().handoff.enabled.incr();
     tracing::info!(
         %interface,

@@ -402,6 +402,19 @@ fn objects_are_handed_off_intact_and_bytes_skip_the_frontend() {
     }
     assert!(f.metric("be1", "baton_handoff_offers_total") >= 1.0);
     assert!(f.metric("be2", "baton_handoff_offers_total") >= 1.0);
+    // A connection that closes after its one request is proxied (the policy:
+    // moving it costs more than proxying one response).
+    let attempts = f.metric("fe", "baton_handoff_attempts_total");
+    let got = f.script(json!([
+        [
+            "send",
+            "GET /1m HTTP/1.1\r\nHost: objects\r\nConnection: close\r\n\r\n"
+        ],
+        ["read"]
+    ]));
+    assert_eq!(got[0]["status"], 200);
+    assert_eq!(got[0]["sha"], sha256(&content(MIB)));
+    assert_eq!(f.metric("fe", "baton_handoff_attempts_total"), attempts);
 }
 
 #[test]
@@ -711,10 +724,10 @@ fn forged_replayed_and_foreign_offers_are_refused() {
     // A valid notice is applied once; the same bytes again are a replay.
     let notice = wire::encode(
         &key,
-        &wire::envelope(Message::Closed(wire::Flow {
+        &wire::envelope(Message::Closed(vec![wire::Flow {
             client: "10.0.0.1:1".parse().unwrap(),
             local: "10.0.0.2:2".parse().unwrap(),
-        })),
+        }])),
     );
     send(&notice);
     assert_eq!(f.metric("be1", "baton_handoff_closed_applied_total"), 1.0);

@@ -85,6 +85,8 @@ pub struct Handoff {
     control: Arc<tokio::sync::Semaphore>,
     /// Whether sock_diag notices arrive (else moved flows are forgotten on a timer).
     diag: std::sync::atomic::AtomicBool,
+    /// BE: "closed" notices waiting to go out, per FE receiver.
+    closed: Mutex<HashMap<std::net::SocketAddrV4, Vec<Flow>>>,
 }
 
 /// Control connections a BE handles at once.
@@ -100,6 +102,7 @@ impl Handoff {
             live: Mutex::new(HashMap::new()),
             control: Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL)),
             diag: std::sync::atomic::AtomicBool::new(false),
+            closed: Mutex::new(HashMap::new()),
         })
     }
 

@@ -26,6 +26,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(2);
 const GO_GRACE: Duration = Duration::from_millis(500);
 /// The longest wait for "ready" an offer may ask for.
 const MAX_OFFER_TIMEOUT_MS: u32 = 10_000;
+/// How often queued "closed" notices go out.
+const NOTICE_EVERY: Duration = Duration::from_millis(100);
 /// Connecting to the local application.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Without sock_diag: how long after a moved connection ends its entries stay (its
@@ -107,12 +109,12 @@ impl Handoff {
                     self.serve_moved(socket, flow, data, drain).await;
                 }
             }
-            Message::Closed(flow) => {
-                // FE role: the BE's copy of a moved connection is gone.
-                if let Err(e) = self.cfg.tables.forget_moved(*flow) {
-                    tracing::warn!(error = %e, client = %flow.client, "cannot remove a redirect");
+            Message::Closed(flows) => {
+                // FE role: the BE's copies of these moved connections are gone.
+                if let Err(e) = self.cfg.tables.forget_all_moved(flows) {
+                    tracing::warn!(error = %e, "cannot remove redirects");
                 }
-                self.metrics().closed_applied.incr();
+                self.metrics().closed_applied.add(flows.len() as u64);
             }
             Message::Alive(flows) => {
                 // FE role: the BE still serves these; keep their redirects (to it).
@@ -285,12 +287,31 @@ impl Handoff {
         self.notify_closed(flow, fe_port).await;
     }
 
+    /// Queues the notice that `flow` is gone for its FE; [`Handoff::notices`] sends
+    /// the queue in batches, so a churn of short connections costs each FE one
+    /// notice connection per batch, not one per connection.
     async fn notify_closed(&self, flow: Flow, fe_port: u16) {
         let fe = SocketAddrV4::new(*flow.local.ip(), fe_port);
-        if self.notify(fe, Message::Closed(flow)).await {
-            self.metrics().closed_sent.incr();
-        } else {
-            tracing::info!(%fe, client = %flow.client, "cannot tell the frontend a moved connection closed; its redirect expires on its own");
+        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        closed.entry(fe).or_default().push(flow);
+    }
+
+    /// Sends the queued "closed" notices every [`NOTICE_EVERY`], batched per FE.
+    /// Runs until the process ends.
+    pub async fn notices(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(NOTICE_EVERY).await;
+            let queued =
+                std::mem::take(&mut *self.closed.lock().unwrap_or_else(|e| e.into_inner()));
+            for (fe, flows) in queued {
+                for chunk in flows.chunks(wire::MAX_ALIVE) {
+                    if self.notify(fe, Message::Closed(chunk.to_vec())).await {
+                        self.metrics().closed_sent.add(chunk.len() as u64);
+                    } else {
+                        tracing::info!(%fe, flows = chunk.len(), "cannot tell a frontend moved connections closed; its redirects expire on their own");
+                    }
+                }
+            }
         }
     }
 

@@ -14,7 +14,9 @@ use super::{
     wire::{self, Flow, Message, Offer},
     write_message, Handoff,
 };
-use crate::{body::Body, new_service::NewService, target::Endpoint, Error};
+use crate::{
+    body::Body, new_service::NewService, proxy::headers::keeps_alive, target::Endpoint, Error,
+};
 use bytes::Bytes;
 use futures_util::future::Either;
 use http::{header, Method, Request, Response, Version};
@@ -32,10 +34,13 @@ use std::{
     time::Instant,
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
 use tower_service::Service;
+
+/// How long the FE waits for the BE to close a control connection after "go".
+const CONTROL_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Most bytes the gate records beyond what baton read itself.
 const MAX_CAPTURE: usize = 64 * 1024;
@@ -377,12 +382,18 @@ where
 }
 
 /// The request's takeover, if the request may be handed off: HTTP/1.x GET or HEAD
-/// without a body or upgrade, first on its connection (and claimed here).
+/// without a body or upgrade, first on a connection that stays open after it (and
+/// claimed here).
+///
+/// A connection that closes after its one request is proxied: moving it costs a
+/// freeze, a round trip and a restore for a single response, which loses to
+/// proxying at every object size measured (benches/RESULTS.md, "Handoff mode").
 fn eligible(req: &Request<Body>) -> Option<Takeover> {
     let t = req.extensions().get::<Takeover>()?;
     let h = req.headers();
     let ok = matches!(*req.method(), Method::GET | Method::HEAD)
         && matches!(req.version(), Version::HTTP_11 | Version::HTTP_10)
+        && keeps_alive(req.version(), h)
         && http_body::Body::is_end_stream(req.body())
         && !h.contains_key(header::TRANSFER_ENCODING)
         && h.get(header::CONTENT_LENGTH).is_none_or(|v| v == "0")
@@ -442,6 +453,7 @@ impl Handoff {
             t.open_gate();
             Err(reason)
         };
+        let t0 = Instant::now();
         // 1. hold: nothing reaches the socket (or draws an RST) while it moves.
         if let Err(e) = tables.hold(flow) {
             tracing::warn!(error = %e, "cannot hold the flow");
@@ -469,8 +481,10 @@ impl Handoff {
             timeout_ms: u32::try_from(self.cfg.timeout.as_millis()).unwrap_or(u32::MAX),
             data,
         }));
+        let t_dump = started.elapsed();
         // 3. offer, and wait (bounded) for "ready".
         let ready = tokio::time::timeout(self.cfg.timeout, self.offer(peer, &offer)).await;
+        let t_ready = started.elapsed();
         let mut control = match ready {
             Ok(Ok(control)) => control,
             Ok(Err(reason)) => return thaw(reason),
@@ -497,6 +511,20 @@ impl Handoff {
         // 5. the frozen socket closes without a trace once the server lets go of it
         // (this descriptor closes when `fd`'s owner drops, in repair mode too).
         t.moved_gate();
+        // The BE closes the control connection first, so the TIME_WAIT lands on its
+        // side: otherwise every handoff would park one of this host's ephemeral ports
+        // for a minute, and a busy FE runs out of them.
+        tokio::spawn(async move {
+            let mut rest = [0u8; 64];
+            let _ = tokio::time::timeout(CONTROL_LINGER, control.read(&mut rest)).await;
+        });
+        tracing::trace!(
+            hold = ?started.duration_since(t0),
+            dump = ?t_dump,
+            ready = ?t_ready,
+            go = ?started.elapsed(),
+            "handoff phases (from the freeze)"
+        );
         Ok(started)
     }
 

@@ -122,7 +122,19 @@ impl Tables {
 
     /// FE: the moved connection is gone.
     pub fn forget_moved(&self, flow: Flow) -> io::Result<()> {
-        self.apply(&[Op::Remove { set: MOVED, flow }])
+        self.forget_all_moved(&[flow])
+    }
+
+    /// FE: these moved connections are gone.
+    pub fn forget_all_moved(&self, flows: &[Flow]) -> io::Result<()> {
+        for chunk in flows.chunks(REFRESH_CHUNK) {
+            let ops: Vec<Op> = chunk
+                .iter()
+                .map(|&flow| Op::Remove { set: MOVED, flow })
+                .collect();
+            self.apply(&ops)?;
+        }
+        Ok(())
     }
 
     /// FE: keep the redirects of `flows` to `be` from expiring (a BE said they are

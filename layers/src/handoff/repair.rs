@@ -167,9 +167,12 @@ pub fn freeze(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// Leaves repair mode; the connection resumes exactly where it was (a window probe
-/// tells the client so).
+/// tells the client so). Leaving repair mode clears the socket's address reuse,
+/// which an accepted socket had from its listener: it is set again, or the
+/// connection's TIME_WAIT would keep a restarted baton from binding its port.
 pub fn thaw(fd: BorrowedFd<'_>) -> io::Result<()> {
-    set_u32(fd, TCP_REPAIR, 0)
+    set_u32(fd, TCP_REPAIR, 0)?;
+    SockRef::from(&fd).set_reuse_address(true)
 }
 
 /// Whether this process may use `TCP_REPAIR` (it needs CAP_NET_ADMIN).
@@ -338,6 +341,9 @@ pub fn restore(state: &TcpState) -> io::Result<Socket> {
     // Out of repair mode without the usual window probe: the BE must not transmit
     // before "go" (see the module docs of `handoff`).
     set_u32(fd, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)?;
+    // Reuse, as for an accepted socket: its TIME_WAIT must not block the BE's own
+    // listener on the same port from binding after a restart.
+    let _ = s.set_reuse_address(true);
     Ok(s)
 }
 

@@ -156,14 +156,14 @@ pub enum Message {
     Refused([u8; 16], Refusal),
     /// FE -> BE: the redirect is in place; the connection is yours.
     Go([u8; 16]),
-    /// BE -> FE: the moved connection is gone; remove its redirect.
-    Closed(Flow),
+    /// BE -> FE: these moved connections are gone; remove their redirects.
+    Closed(Vec<Flow>),
     /// BE -> FE: these moved connections are alive; keep their redirects (to the
     /// sender) from expiring.
     Alive(Vec<Flow>),
 }
 
-/// Most flows one "alive" notice carries.
+/// Most flows one "alive" or "closed" notice carries.
 pub const MAX_ALIVE: usize = 4096;
 
 impl Message {
@@ -269,8 +269,7 @@ pub fn encode(key: &Key, env: &Envelope) -> Vec<u8> {
             b.extend_from_slice(n);
             b.push(*r as u8);
         }
-        Message::Closed(f) => put_flow(&mut b, *f),
-        Message::Alive(flows) => {
+        Message::Closed(flows) | Message::Alive(flows) => {
             let n = flows.len().min(MAX_ALIVE);
             b.extend_from_slice(&(n as u16).to_be_bytes());
             for f in &flows[..n] {
@@ -368,13 +367,17 @@ pub fn decode(key: &Key, msg: &[u8], now_ms: u64) -> Result<Envelope, WireError>
             Message::Refused(n, reason)
         }
         4 => Message::Go(r.array()?),
-        5 => Message::Closed(r.flow()?),
-        6 => {
+        5 | 6 => {
             let n = usize::from(r.u16()?);
             if n > MAX_ALIVE {
                 return Err(WireError::Malformed);
             }
-            Message::Alive((0..n).map(|_| r.flow()).collect::<Result<_, _>>()?)
+            let flows = (0..n).map(|_| r.flow()).collect::<Result<_, _>>()?;
+            if kind == 5 {
+                Message::Closed(flows)
+            } else {
+                Message::Alive(flows)
+            }
         }
         _ => return Err(WireError::Malformed),
     };
@@ -517,7 +520,7 @@ mod tests {
             Message::Ready([1; 16]),
             Message::Refused([2; 16], Refusal::Cidr),
             Message::Go([3; 16]),
-            Message::Closed(flow),
+            Message::Closed(vec![flow]),
             Message::Alive(vec![flow, flow]),
             Message::Alive(vec![]),
         ]

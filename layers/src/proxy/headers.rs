@@ -58,6 +58,18 @@ fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
         .map(str::trim)
 }
 
+/// Whether an HTTP/1 request leaves its connection open for another request:
+/// HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with `Connection: keep-alive`.
+pub fn keeps_alive(version: http::Version, headers: &HeaderMap) -> bool {
+    let has =
+        |want: &str| tokens(headers, header::CONNECTION).any(|t| t.eq_ignore_ascii_case(want));
+    match version {
+        http::Version::HTTP_11 => !has("close"),
+        http::Version::HTTP_10 => has("keep-alive"),
+        _ => false,
+    }
+}
+
 /// The protocol an HTTP/1 message asks to switch to (`Upgrade`, with `upgrade` listed
 /// in `Connection`), e.g. `websocket`.
 pub fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
