@@ -141,6 +141,20 @@ async fn start_handoff(
         Ok(n) => n,
         Err(e) => return disabled(e),
     };
+    let table = nft::Tables::new(
+        tables::TABLE,
+        // Held far beyond any handoff (the FE waits up to twice the timeout), short
+        // enough that a crash mid-handoff heals quickly.
+        HOLD_TTL.max(settings.timeout * 4),
+        settings.flow_ttl,
+    );
+    // The per-flow netlink path works here (removing an absent element needs
+    // NFT_MSG_DESTROYSETELEM, Linux 6.3+), or handoff stays off.
+    if let Err(e) = table.probe() {
+        return disabled(format!(
+            "nftables element updates failed ({e}); Linux 6.3 or later is needed"
+        ));
+    }
     let listener = listen::bind_plain(settings.addr)
         .with_context(|| format!("cannot listen on BATON_HANDOFF_ADDR={}", settings.addr))?;
     let listen_port = listener.local_addr()?.port();
@@ -154,13 +168,7 @@ async fn start_handoff(
             peer_nets: nets,
             services: settings.routes.clone(),
             app_addr: settings.app_addr,
-            // Held far beyond any handoff (the FE waits up to twice the timeout), short
-            // enough that a crash mid-handoff heals quickly.
-            tables: nft::Tables::new(
-                tables::TABLE,
-                HOLD_TTL.max(settings.timeout * 4),
-                settings.flow_ttl,
-            ),
+            tables: table,
         },
         metrics.clone(),
     );

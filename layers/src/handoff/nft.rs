@@ -79,6 +79,16 @@ impl Tables {
         }
     }
 
+    /// Checks the per-flow path end to end: removes an element that is not there from
+    /// every set (which only Linux 6.3+ accepts without an error).
+    pub fn probe(&self) -> io::Result<()> {
+        let flow = Flow {
+            client: std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+            local: std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+        };
+        self.apply(&[HELD, MOVED, RESTORED].map(|set| Op::Remove { set, flow }))
+    }
+
     /// FE: drop the flow's packets while it is frozen.
     pub fn hold(&self, flow: Flow) -> io::Result<()> {
         self.apply(&[Op::Add {
