@@ -97,21 +97,23 @@ impl Handoff {
         if let Err(e) = self.replay.check(&env, wire::now_ms()) {
             return self.refuse_read(from, &ReadError::Wire(e));
         }
-        match &env.msg {
-            Message::Offer(_) => {
-                let Message::Offer(offer) = env.msg.clone() else {
-                    return;
-                };
+        let Envelope {
+            nonce,
+            sent_ms,
+            msg,
+        } = env;
+        match msg {
+            Message::Offer(offer) => {
                 // The exchange is done with the control connection either way.
-                if let Some((socket, flow, data)) = self.take(conn, from, &env, offer, &drain).await
-                {
+                let taken = self.take(conn, from, (nonce, sent_ms), offer, &drain).await;
+                if let Some((socket, flow, data)) = taken {
                     drop(permit);
                     self.serve_moved(socket, flow, data, drain).await;
                 }
             }
             Message::Closed(flows) => {
                 // FE role: the BE's copies of these moved connections are gone.
-                if let Err(e) = self.cfg.tables.forget_all_moved(flows) {
+                if let Err(e) = self.cfg.tables.forget_all_moved(&flows) {
                     tracing::warn!(error = %e, "cannot remove redirects");
                 }
                 self.metrics().closed_applied.add(flows.len() as u64);
@@ -119,7 +121,7 @@ impl Handoff {
             Message::Alive(flows) => {
                 // FE role: the BE still serves these; keep their redirects (to it).
                 if let IpAddr::V4(be) = from.ip() {
-                    if let Err(e) = self.cfg.tables.refresh_moved(flows, be) {
+                    if let Err(e) = self.cfg.tables.refresh_moved(&flows, be) {
                         tracing::warn!(error = %e, "cannot refresh redirects");
                     }
                 }
@@ -137,14 +139,13 @@ impl Handoff {
         &self,
         mut conn: TcpStream,
         from: SocketAddr,
-        env: &Envelope,
+        (nonce, sent_ms): ([u8; 16], u64),
         offer: Offer,
         drain: &watch::Receiver<bool>,
     ) -> Option<(socket2::Socket, Flow, Vec<u8>)> {
         let m = self.metrics();
         m.offers.incr();
         let flow = offer.flow();
-        let nonce = env.nonce;
         let timeout_ms = offer.timeout_ms.min(MAX_OFFER_TIMEOUT_MS);
         let refuse = |why: Refusal| {
             m.refused.get(why.as_str()).incr();
@@ -163,7 +164,7 @@ impl Handoff {
             Some(Refusal::Target)
         } else if offer.app_port != self.cfg.app_addr.port() {
             Some(Refusal::App)
-        } else if wire::now_ms() > env.sent_ms.saturating_add(u64::from(timeout_ms)) {
+        } else if wire::now_ms() > sent_ms.saturating_add(u64::from(timeout_ms)) {
             Some(Refusal::Late)
         } else if *drain.borrow() {
             Some(Refusal::Busy)
@@ -204,7 +205,7 @@ impl Handoff {
             m.aborted.incr();
             repair::close_silently(&socket);
             let _ = self.cfg.tables.forget_restored(flow);
-            self.notify_closed(flow, offer.fe_port).await;
+            self.notify_closed(flow, offer.fe_port);
             tracing::debug!(client = %flow.client, "handoff aborted before go");
             return None;
         }
@@ -284,13 +285,13 @@ impl Handoff {
         if let Err(e) = self.cfg.tables.forget_restored(flow) {
             tracing::warn!(error = %e, "cannot remove local delivery");
         }
-        self.notify_closed(flow, fe_port).await;
+        self.notify_closed(flow, fe_port);
     }
 
     /// Queues the notice that `flow` is gone for its FE; [`Handoff::notices`] sends
     /// the queue in batches, so a churn of short connections costs each FE one
     /// notice connection per batch, not one per connection.
-    async fn notify_closed(&self, flow: Flow, fe_port: u16) {
+    fn notify_closed(&self, flow: Flow, fe_port: u16) {
         let fe = SocketAddrV4::new(*flow.local.ip(), fe_port);
         let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
         closed.entry(fe).or_default().push(flow);

@@ -151,41 +151,26 @@ impl Tables {
     /// alive). Each element is replaced (destroy + add in one batch), which resets
     /// its timeout on any kernel.
     pub fn refresh_moved(&self, flows: &[Flow], be: Ipv4Addr) -> io::Result<()> {
-        for chunk in flows.chunks(REFRESH_CHUNK) {
-            let ops: Vec<Op> = chunk
-                .iter()
-                .flat_map(|&flow| {
-                    [
-                        Op::Remove { set: MOVED, flow },
-                        Op::Add {
-                            set: MOVED,
-                            flow,
-                            data: Some(be),
-                            ttl: self.flow_ttl,
-                        },
-                    ]
-                })
-                .collect();
-            self.apply(&ops)?;
-        }
-        Ok(())
+        self.replace(MOVED, flows, Some(be))
     }
 
     /// BE: keep the local delivery of `flows` from expiring.
     pub fn refresh_restored(&self, flows: &[Flow]) -> io::Result<()> {
+        self.replace(RESTORED, flows, None)
+    }
+
+    /// Replaces the elements of `flows` in `set` (with `data`, for a map), in batches.
+    fn replace(&self, set: &'static str, flows: &[Flow], data: Option<Ipv4Addr>) -> io::Result<()> {
         for chunk in flows.chunks(REFRESH_CHUNK) {
             let ops: Vec<Op> = chunk
                 .iter()
                 .flat_map(|&flow| {
                     [
-                        Op::Remove {
-                            set: RESTORED,
-                            flow,
-                        },
+                        Op::Remove { set, flow },
                         Op::Add {
-                            set: RESTORED,
+                            set,
                             flow,
-                            data: None,
+                            data,
                             ttl: self.flow_ttl,
                         },
                     ]
