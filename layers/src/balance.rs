@@ -8,8 +8,20 @@
 //! - `p2c` — tower's power-of-two-choices over PeakEWMA load (Mitzenmacher's "The Power
 //!   of Two Choices"; Finagle's peak EWMA): two random ready endpoints, the one with
 //!   the lower `rtt × (in-flight + 1)` wins, so a slow or busy endpoint gets less;
-//! - `rr` — [`RoundRobin`], in discovery order over ready endpoints;
-//! - `hash` — [`HashBalance`], Maglev consistent hashing of a request key.
+//! - `rr` — [`RoundRobin`], smooth weighted round-robin over ready endpoints;
+//! - `hash` — [`HashBalance`], weighted Maglev consistent hashing of a request key.
+//!
+//! # Weights
+//!
+//! Discovery reports a relative weight per instance ([`Endpoint::weight`], 1 by
+//! default). [`NewBalance`] builds each endpoint's service through [`NewWeighted`],
+//! which wraps it in a [`Weighted`]: the endpoint service itself is unchanged, and the
+//! wrapper carries the weight to the balancers, which read it through the [`Weight`]
+//! trait. `rr` gives an endpoint of weight `w` a `w / Σw` share of the picks, spread
+//! out rather than in bursts; `hash` gives it a `w / Σw` share of the Maglev table.
+//! `p2c` ignores weights: tower's p2c compares opaque PeakEWMA costs and has no place
+//! for a static weight. It needs none to protect a weak endpoint, though: PeakEWMA
+//! already shifts load away from endpoints that answer slowly or pile up requests.
 //!
 //! A balancer is a single-owner `Service` (`&mut self`): the logical stack puts it
 //! behind a `Buffer` so all connections share it. With no endpoints at all it does not
@@ -103,6 +115,87 @@ where
     }
 }
 
+/// The relative weight of a balanced service: its share of the traffic is its weight
+/// over the sum of the weights (for the balancers that honour weights, see the module
+/// docs). Balancers read a weight of 0 as 1.
+pub trait Weight {
+    /// The service's weight.
+    fn weight(&self) -> u32;
+}
+
+/// A service with the weight of the endpoint it was built for. It is the inner service
+/// for everything else: `poll_ready` and `call` go straight through.
+#[derive(Clone, Debug)]
+pub struct Weighted<S> {
+    inner: S,
+    weight: u32,
+}
+
+impl<S> Weighted<S> {
+    /// `inner`, with weight `weight`.
+    pub fn new(inner: S, weight: u32) -> Self {
+        Self { inner, weight }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, without the weight.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S> Weight for Weighted<S> {
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+}
+
+impl<S: Service<Req>, Req> Service<Req> for Weighted<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> S::Future {
+        self.inner.call(req)
+    }
+}
+
+/// Builds endpoint services with `N` and wraps each in a [`Weighted`] carrying the
+/// endpoint's [`weight`](Endpoint::weight).
+#[derive(Clone, Debug)]
+pub struct NewWeighted<N> {
+    inner: N,
+}
+
+impl<N> NewWeighted<N> {
+    /// Weights the services `inner` builds.
+    pub fn new(inner: N) -> Self {
+        Self { inner }
+    }
+}
+
+impl<N: NewService<Endpoint>> NewService<Endpoint> for NewWeighted<N> {
+    type Service = Weighted<N::Service>;
+
+    fn new_service(&self, endpoint: Endpoint) -> Self::Service {
+        let weight = endpoint.weight;
+        Weighted::new(self.inner.new_service(endpoint), weight)
+    }
+}
+
 /// A balancer of one algorithm over a discovery stream (see the module docs).
 pub struct Balancer<D: Discover, Req, K>
 where
@@ -145,7 +238,7 @@ where
     D: Discover + Unpin,
     D::Key: Hash + Eq + Clone,
     D::Error: Into<Error>,
-    D::Service: Service<Req>,
+    D::Service: Service<Req> + Weight,
     <D::Service as Service<Req>>::Error: Into<Error>,
     K: HashKey<Req>,
 {
@@ -174,7 +267,7 @@ where
     D: Discover + Unpin,
     D::Key: Hash + Eq + Clone,
     D::Error: Into<Error>,
-    D::Service: Service<Req>,
+    D::Service: Service<Req> + Weight,
     <D::Service as Service<Req>>::Error: Into<Error>,
     K: HashKey<Req>,
 {
@@ -260,7 +353,8 @@ where
 }
 
 /// Builds a [`Balancer`] per logical service: resolves it with `resolve`, builds
-/// endpoint services with `new_endpoint`, extracts hash keys with `key`.
+/// endpoint services with `new_endpoint` (each [`Weighted`] with its endpoint's weight),
+/// extracts hash keys with `key`.
 pub struct NewBalance<R, N, K, Req> {
     resolve: R,
     new_endpoint: N,
@@ -306,11 +400,14 @@ where
     <N::Service as Service<Req>>::Error: Into<Error>,
     K: HashKey<Req> + Clone,
 {
-    type Service = Balancer<DiscoverNew<D, N>, Req, K>;
+    type Service = Balancer<DiscoverNew<D, NewWeighted<N>>, Req, K>;
 
     fn new_service(&self, logical: Logical) -> Self::Service {
         tracing::debug!(service = %logical.service, lb = ?logical.lb, "building balancer");
-        let discover = DiscoverNew::new((self.resolve)(&logical), self.new_endpoint.clone());
+        let discover = DiscoverNew::new(
+            (self.resolve)(&logical),
+            NewWeighted::new(self.new_endpoint.clone()),
+        );
         Balancer::new(
             logical.service.clone(),
             logical.lb,
@@ -351,7 +448,7 @@ mod tests {
     use tower::ServiceExt;
     use tower_test::mock;
 
-    type Mock = mock::Mock<&'static str, &'static str>;
+    type Mock = Weighted<mock::Mock<&'static str, &'static str>>;
     type TestBalancer = Balancer<Receiver<Change<u32, Mock>>, &'static str, NoKey>;
 
     fn balancer(lb: Lb) -> (TestBalancer, mpsc::UnboundedSender<Change<u32, Mock>>) {
@@ -387,7 +484,7 @@ mod tests {
             assert!(b.ready().await.unwrap().call("req").await.is_err());
             let (svc, mut handle) = mock::pair();
             handle.allow(1);
-            tx.send(Change::Insert(1, svc)).unwrap();
+            tx.send(Change::Insert(1, Weighted::new(svc, 1))).unwrap();
             poll_fn(|cx| b.poll_ready(cx)).await.unwrap();
             let fut = b.call("req");
             let (req, rsp) = handle.next_request().await.unwrap();
@@ -401,9 +498,9 @@ mod tests {
     async fn all_endpoints_unready_is_not_ready() {
         for lb in [Lb::P2c, Lb::Rr, Lb::Hash] {
             let (mut b, tx) = balancer(lb);
-            let (svc, mut handle): (Mock, _) = mock::pair();
+            let (svc, mut handle) = mock::pair();
             handle.allow(0);
-            tx.send(Change::Insert(1, svc)).unwrap();
+            tx.send(Change::Insert(1, Weighted::new(svc, 1))).unwrap();
             assert!(
                 futures_util::poll!(poll_fn(|cx| b.poll_ready(cx))).is_pending(),
                 "{lb:?}"
@@ -423,7 +520,7 @@ mod tests {
             Arc,
         };
         use tower::{service_fn, util::BoxService};
-        type Svc = BoxService<&'static str, &'static str, Error>;
+        type Svc = Weighted<BoxService<&'static str, &'static str, Error>>;
         let (tx, rx) = mpsc::unbounded_channel::<Change<u32, Svc>>();
         let mut b: Balancer<_, &'static str, NoKey> = Balancer::new(
             "web".into(),
@@ -442,7 +539,13 @@ mod tests {
                     Ok::<_, Error>("ok")
                 }
             });
-            tx.send(Change::Insert(key, BoxService::new(svc))).unwrap();
+            // Weights are ignored by p2c: the heavier slow endpoint still gets little.
+            let weight = 1 + 9 * key;
+            tx.send(Change::Insert(
+                key,
+                Weighted::new(BoxService::new(svc), weight),
+            ))
+            .unwrap();
         }
         for _ in 0..200 {
             b.ready().await.unwrap().call("req").await.unwrap();
@@ -472,5 +575,46 @@ mod tests {
             d.next().await.unwrap().unwrap(),
             Change::Remove("a")
         ));
+    }
+
+    #[tokio::test]
+    async fn new_balance_passes_endpoint_weights_to_the_balancer() {
+        use crate::{
+            new_service::NewServiceFn,
+            target::{Protocol, UpstreamProtocol},
+        };
+        use std::sync::Mutex;
+        let logical = Logical {
+            service: "web".into(),
+            protocol: Protocol::Http,
+            lb: Lb::Rr,
+            upstream: UpstreamProtocol::Auto,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        for (id, weight) in [("a", 3), ("b", 1)] {
+            let endpoint = Endpoint {
+                logical: logical.clone(),
+                id: id.into(),
+                addr: "10.0.0.1:80".parse().unwrap(),
+                handoff_port: None,
+                weight,
+            };
+            tx.send(Change::Insert(id, endpoint)).unwrap();
+        }
+        let rx = Mutex::new(Some(Receiver(rx)));
+        let resolve = move |_: &Logical| rx.lock().unwrap().take().expect("resolved once");
+        // Endpoint services answer with their id.
+        let endpoint = NewServiceFn::new(|ep: Endpoint| {
+            tower::service_fn(move |_: &'static str| {
+                std::future::ready(Ok::<_, Error>(ep.id.clone()))
+            })
+        });
+        let new = NewBalance::new(resolve, endpoint, NoKey, EwmaConfig::default());
+        let mut b = new.new_service(logical);
+        let mut order = Vec::new();
+        for _ in 0..8 {
+            order.push(b.ready().await.unwrap().call("req").await.unwrap());
+        }
+        assert_eq!(order.join(""), "aabaaaba");
     }
 }

@@ -1,12 +1,26 @@
-//! Round-robin over ready endpoints.
+//! Smooth weighted round-robin over ready endpoints.
 //!
-//! Endpoints are kept in discovery order. Each `poll_ready` starts at the endpoint after
-//! the last one used and selects the first that is ready, so with every endpoint ready
-//! requests alternate exactly (A, B, C, A, B, C, ...), and an endpoint that is not ready
-//! is skipped without stalling the others. An endpoint whose readiness fails is removed
-//! (discovery re-inserts it if it comes back). With no ready endpoint the balancer is
-//! not ready, and it has registered interest in every endpoint and in discovery.
+//! The algorithm is nginx's smooth weighted round-robin: every endpoint keeps a current
+//! value, and each pick adds every eligible endpoint's weight ([`Weight`]) to its
+//! current value, picks the endpoint with the largest (the first in discovery order on
+//! a tie) and subtracts the sum of the eligible weights from the picked one. Over any
+//! `Σw` consecutive picks with a stable set, an endpoint of weight `w` is picked exactly
+//! `w` times, and its picks are spread out rather than bunched: weights 5, 1, 1 give
+//! `a a b a c a a`, and equal weights alternate exactly (A, B, C, A, B, C, ...).
+//!
+//! The eligible endpoints are the ready ones. `poll_ready` polls every endpoint not
+//! known to be ready (one that was polled ready and not called since stays ready, as
+//! tower's contract says), so an endpoint that is not ready neither receives requests
+//! nor stalls the others, and it gathers no credit meanwhile: when it becomes ready it
+//! takes its share again rather than a burst of catching up. An endpoint whose readiness
+//! fails is removed (discovery re-inserts it if it comes back). With no ready endpoint
+//! the balancer is not ready, and it has registered interest in every endpoint and in
+//! discovery.
+//!
+//! Membership: a new endpoint starts with a current value of 0, a re-inserted one (e.g.
+//! with a new weight) keeps its position and current value, and the others keep theirs.
 
+use super::Weight;
 use crate::Error;
 use indexmap::IndexMap;
 use std::{
@@ -17,21 +31,38 @@ use std::{
 use tower::discover::{Change, Discover};
 use tower_service::Service;
 
-/// A round-robin balancer over a [`Discover`] stream of services.
+/// A smooth weighted round-robin balancer over a [`Discover`] stream of services.
 pub struct RoundRobin<D: Discover> {
     discover: D,
-    services: IndexMap<D::Key, D::Service>,
-    /// Where the next search starts.
-    next: usize,
+    /// In discovery order, which breaks ties.
+    endpoints: IndexMap<D::Key, Slot<D::Service>>,
     /// The endpoint made ready for the next `call`.
     selected: Option<usize>,
+}
+
+/// An endpoint's service and its balancing state.
+struct Slot<S> {
+    service: S,
+    /// The smooth weighted round-robin current value.
+    current: i64,
+    /// Polled ready and not called since.
+    ready: bool,
+}
+
+impl<S: Weight> Slot<S> {
+    fn weight(&self) -> i64 {
+        i64::from(self.service.weight().max(1))
+    }
 }
 
 impl<D: Discover> std::fmt::Debug for RoundRobin<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RoundRobin")
-            .field("endpoints", &self.services.len())
-            .field("next", &self.next)
+            .field("endpoints", &self.endpoints.len())
+            .field(
+                "ready",
+                &self.endpoints.values().filter(|e| e.ready).count(),
+            )
             .finish()
     }
 }
@@ -46,20 +77,19 @@ where
     pub fn new(discover: D) -> Self {
         Self {
             discover,
-            services: IndexMap::new(),
-            next: 0,
+            endpoints: IndexMap::new(),
             selected: None,
         }
     }
 
     /// Number of endpoints, ready or not.
     pub fn len(&self) -> usize {
-        self.services.len()
+        self.endpoints.len()
     }
 
     /// Whether there are no endpoints.
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty()
+        self.endpoints.is_empty()
     }
 
     fn update(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
@@ -67,17 +97,70 @@ where
             // Any change may move indices: forget the selection.
             self.selected = None;
             match change.map_err(Into::into)? {
-                // `insert` keeps the position of a replaced key.
-                Change::Insert(key, svc) => {
-                    self.services.insert(key, svc);
-                }
+                Change::Insert(key, service) => match self.endpoints.get_mut(&key) {
+                    // A replaced endpoint keeps its place in the rotation.
+                    Some(slot) => {
+                        slot.service = service;
+                        slot.ready = false;
+                    }
+                    None => {
+                        self.endpoints.insert(
+                            key,
+                            Slot {
+                                service,
+                                current: 0,
+                                ready: false,
+                            },
+                        );
+                    }
+                },
                 Change::Remove(key) => {
-                    // `shift_remove` keeps the rotation order of the others.
-                    self.services.shift_remove(&key);
+                    // `shift_remove` keeps the order of the others.
+                    self.endpoints.shift_remove(&key);
                 }
             }
         }
         Ok(())
+    }
+}
+
+impl<D> RoundRobin<D>
+where
+    D: Discover,
+    D::Key: Hash + Eq,
+    D::Service: Weight,
+{
+    /// The ready endpoint the next pick goes to: the largest `current + weight`.
+    fn candidate(&self) -> Option<usize> {
+        let mut best: Option<(usize, i64)> = None;
+        for (i, slot) in self.endpoints.values().enumerate() {
+            if slot.ready {
+                let value = slot.current + slot.weight();
+                // Strictly greater: the first in discovery order wins a tie.
+                if best.is_none_or(|(_, b)| value > b) {
+                    best = Some((i, value));
+                }
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    /// Picks `selected`: every ready endpoint gains its weight, the picked one pays the
+    /// sum of them.
+    fn pick(&mut self, selected: usize) {
+        let mut total = 0;
+        for slot in self.endpoints.values_mut().filter(|s| s.ready) {
+            let weight = slot.weight();
+            slot.current += weight;
+            total += weight;
+        }
+        self.endpoints[selected].current -= total;
+    }
+
+    fn drop_failed(&mut self, i: usize, error: Error) {
+        tracing::debug!(%error, "dropping failed endpoint");
+        self.endpoints.shift_remove_index(i);
+        self.selected = None;
     }
 }
 
@@ -86,7 +169,7 @@ where
     D: Discover + Unpin,
     D::Key: Hash + Eq,
     D::Error: Into<Error>,
-    D::Service: Service<Req>,
+    D::Service: Service<Req> + Weight,
     <D::Service as Service<Req>>::Error: Into<Error>,
 {
     type Response = <D::Service as Service<Req>>::Response;
@@ -98,35 +181,36 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.update(cx)?;
-        'search: loop {
-            if let Some(i) = self.selected {
-                match self.services[i].poll_ready(cx) {
-                    Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
-                    Poll::Pending => self.selected = None,
-                    Poll::Ready(Err(e)) => {
-                        self.drop_failed(i, e.into());
-                        continue 'search;
-                    }
-                }
-            }
-            let len = self.services.len();
-            for step in 0..len {
-                let i = (self.next + step) % len;
-                match self.services[i].poll_ready(cx) {
-                    Poll::Ready(Ok(())) => {
-                        self.selected = Some(i);
-                        self.next = (i + 1) % len;
-                        return Poll::Ready(Ok(()));
-                    }
+        // Learn which endpoints are eligible: poll every one not known to be ready.
+        let mut i = 0;
+        while i < self.endpoints.len() {
+            let slot = &mut self.endpoints[i];
+            if !slot.ready {
+                match slot.service.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => slot.ready = true,
                     Poll::Pending => {}
                     Poll::Ready(Err(e)) => {
                         self.drop_failed(i, e.into());
-                        continue 'search;
+                        continue;
                     }
                 }
             }
-            return Poll::Pending;
+            i += 1;
         }
+        // Check the candidate once more before promising it to `call` (it was ready,
+        // but may have failed since); each round removes one endpoint from the choice.
+        while let Some(i) = self.candidate() {
+            match self.endpoints[i].service.poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.selected = Some(i);
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Pending => self.endpoints[i].ready = false,
+                Poll::Ready(Err(e)) => self.drop_failed(i, e.into()),
+            }
+        }
+        self.selected = None;
+        Poll::Pending
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
@@ -135,47 +219,49 @@ where
             .selected
             .take()
             .expect("RoundRobin::call before poll_ready returned Ready");
-        self.services[i]
-            .call(req)
-            .map_err(Into::into as fn(_) -> Error)
-    }
-}
-
-impl<D: Discover> RoundRobin<D>
-where
-    D::Key: Hash + Eq,
-{
-    fn drop_failed(&mut self, i: usize, error: Error) {
-        tracing::debug!(%error, "dropping failed endpoint");
-        self.services.shift_remove_index(i);
-        self.selected = None;
-        if self.next > i {
-            self.next -= 1;
-        }
+        // The credits move when a request is sent, so a `poll_ready` that is not
+        // followed by a `call` changes nothing.
+        self.pick(i);
+        let slot = &mut self.endpoints[i];
+        slot.ready = false;
+        slot.service.call(req).map_err(Into::into as fn(_) -> Error)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::test_util::Receiver;
+    use crate::balance::{test_util::Receiver, Weighted};
     use futures_util::future::poll_fn;
     use tokio::sync::mpsc;
     use tower_test::mock;
 
-    type Mock = mock::Mock<&'static str, &'static str>;
+    type Mock = Weighted<mock::Mock<&'static str, &'static str>>;
     type Handle = mock::Handle<&'static str, &'static str>;
+    type Rr = RoundRobin<Receiver<Change<u32, Mock>>>;
 
-    fn endpoint() -> (Mock, Handle) {
+    fn endpoint(weight: u32) -> (Mock, Handle) {
         let (svc, mut handle) = mock::pair();
-        handle.allow(100);
-        (svc, handle)
+        handle.allow(1000);
+        (Weighted::new(svc, weight), handle)
     }
 
-    async fn send(
-        rr: &mut RoundRobin<Receiver<Change<u32, Mock>>>,
-        handles: &mut [Handle],
-    ) -> usize {
+    /// A balancer over endpoints 0, 1, ... with `weights`.
+    fn balancer(weights: &[u32]) -> (Rr, mpsc::UnboundedSender<Change<u32, Mock>>, Vec<Handle>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut handles = Vec::new();
+        for (key, &w) in (0..).zip(weights) {
+            let (svc, h) = endpoint(w);
+            tx.send(Change::Insert(key, svc)).unwrap();
+            handles.push(h);
+        }
+        (RoundRobin::new(Receiver(rx)), tx, handles)
+    }
+
+    async fn send(rr: &mut Rr, handles: &mut [Handle]) -> usize {
+        // Each request polls the mocks' channels once, without waiting: yield so that
+        // tokio's cooperative budget does not run out over hundreds of requests.
+        tokio::task::yield_now().await;
         poll_fn(|cx| rr.poll_ready(cx)).await.unwrap();
         let fut = rr.call("req");
         for (i, h) in handles.iter_mut().enumerate() {
@@ -188,43 +274,109 @@ mod tests {
         panic!("no endpoint received the request");
     }
 
+    async fn picks(rr: &mut Rr, handles: &mut [Handle], n: usize) -> Vec<usize> {
+        let mut order = Vec::with_capacity(n);
+        for _ in 0..n {
+            order.push(send(rr, handles).await);
+        }
+        order
+    }
+
+    /// The longest run of consecutive picks of `endpoint`.
+    fn longest_run(order: &[usize], endpoint: usize) -> usize {
+        order
+            .split(|&i| i != endpoint)
+            .map(<[usize]>::len)
+            .max()
+            .unwrap_or(0)
+    }
+
     #[tokio::test]
     async fn alternates_exactly_and_follows_membership() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut rr = RoundRobin::new(Receiver(rx));
-        let mut handles = Vec::new();
-        for key in 0..3 {
-            let (svc, h) = endpoint();
-            tx.send(Change::Insert(key, svc)).unwrap();
-            handles.push(h);
-        }
-        let mut order = Vec::new();
-        for _ in 0..9 {
-            order.push(send(&mut rr, &mut handles).await);
-        }
+        let (mut rr, tx, mut handles) = balancer(&[1, 1, 1]);
+        let order = picks(&mut rr, &mut handles, 9).await;
         assert_eq!(order, [0, 1, 2, 0, 1, 2, 0, 1, 2]);
 
         // Remove the middle endpoint: the other two keep alternating.
         tx.send(Change::Remove(1)).unwrap();
-        let mut order = Vec::new();
-        for _ in 0..4 {
-            order.push(send(&mut rr, &mut handles).await);
+        let order = picks(&mut rr, &mut handles, 4).await;
+        assert_eq!(order, [0, 2, 0, 2]);
+        assert_eq!(rr.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn equal_weights_other_than_one_alternate_exactly() {
+        let (mut rr, _tx, mut handles) = balancer(&[4, 4, 4]);
+        let order = picks(&mut rr, &mut handles, 9).await;
+        assert_eq!(order, [0, 1, 2, 0, 1, 2, 0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn weights_are_spread_smoothly() {
+        // nginx's example: weights 5, 1, 1.
+        let (mut rr, _tx, mut handles) = balancer(&[5, 1, 1]);
+        let order = picks(&mut rr, &mut handles, 14).await;
+        let period = [0, 0, 1, 0, 2, 0, 0];
+        assert_eq!(order[..7], period);
+        assert_eq!(order[7..], period);
+    }
+
+    #[tokio::test]
+    async fn three_to_one_gives_exact_shares_spread_out() {
+        let (mut rr, _tx, mut handles) = balancer(&[3, 1]);
+        let order = picks(&mut rr, &mut handles, 400).await;
+        let heavy = order.iter().filter(|&&i| i == 0).count();
+        assert_eq!((heavy, order.len() - heavy), (300, 100));
+        // Exactly periodic: every 4 picks hold 3 of the heavy and 1 of the light.
+        for (n, window) in order.chunks(4).enumerate() {
+            assert_eq!(window, [0, 0, 1, 0], "period {n}: {order:?}");
         }
-        order.sort();
-        assert_eq!(order, [0, 0, 2, 2]);
+        // Spread, not bursts: every prefix is within one pick of the ideal share
+        // (a burst of four or more would break this), the light endpoint is never
+        // picked twice in a row and the heavy at most `3 / 1` times.
+        for k in 1..=order.len() {
+            let heavy = order[..k].iter().filter(|&&i| i == 0).count() as f64;
+            assert!(
+                (heavy - k as f64 * 0.75).abs() < 1.0,
+                "prefix {k} has {heavy} heavy picks"
+            );
+        }
+        assert_eq!(longest_run(&order, 1), 1);
+        assert_eq!(longest_run(&order, 0), 3);
+    }
+
+    #[tokio::test]
+    async fn an_unready_heavy_endpoint_sends_everything_to_the_others() {
+        let (mut rr, _tx, mut handles) = balancer(&[5, 1, 1]);
+        handles[0].allow(0);
+        let order = picks(&mut rr, &mut handles, 10).await;
+        assert_eq!(order, [1, 2, 1, 2, 1, 2, 1, 2, 1, 2]);
+        // Back: it takes its share again, without a burst of catching up (it gathered
+        // no credit while it was not ready).
+        handles[0].allow(1000);
+        let order = picks(&mut rr, &mut handles, 14).await;
+        let period = [0, 0, 1, 0, 2, 0, 0];
+        assert_eq!(order[..7], period);
+        assert_eq!(order[7..], period);
+    }
+
+    #[tokio::test]
+    async fn a_reinserted_endpoint_gets_its_new_weight() {
+        let (mut rr, tx, mut handles) = balancer(&[1, 1]);
+        assert_eq!(picks(&mut rr, &mut handles, 4).await, [0, 1, 0, 1]);
+        // Discovery reports endpoint 1 again, now with weight 3.
+        let (svc, h) = endpoint(3);
+        tx.send(Change::Insert(1, svc)).unwrap();
+        handles[1] = h;
+        let order = picks(&mut rr, &mut handles, 40).await;
+        let light = order.iter().filter(|&&i| i == 0).count();
+        assert_eq!((light, order.len() - light), (10, 30), "{order:?}");
         assert_eq!(rr.len(), 2);
     }
 
     #[tokio::test]
     async fn skips_endpoints_that_are_not_ready() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut rr = RoundRobin::new(Receiver(rx));
-        let mut handles = Vec::new();
-        for key in 0..2 {
-            let (svc, h) = endpoint();
-            tx.send(Change::Insert(key, svc)).unwrap();
-            handles.push(h);
-        }
+        let (mut rr, _tx, mut handles) = balancer(&[1, 1]);
         handles[0].allow(0);
         for _ in 0..3 {
             assert_eq!(send(&mut rr, &mut handles).await, 1);
@@ -237,14 +389,7 @@ mod tests {
 
     #[tokio::test]
     async fn failed_endpoint_is_removed() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut rr = RoundRobin::new(Receiver(rx));
-        let mut handles = Vec::new();
-        for key in 0..2 {
-            let (svc, h) = endpoint();
-            tx.send(Change::Insert(key, svc)).unwrap();
-            handles.push(h);
-        }
+        let (mut rr, _tx, mut handles) = balancer(&[1, 1]);
         handles[0].send_error("broken");
         for _ in 0..2 {
             assert_eq!(send(&mut rr, &mut handles).await, 1);
@@ -254,8 +399,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_is_not_ready() {
-        let (_tx, rx) = mpsc::unbounded_channel::<Change<u32, Mock>>();
-        let mut rr = RoundRobin::new(Receiver(rx));
+        let (mut rr, _tx, _) = balancer(&[]);
         assert!(rr.is_empty());
         assert!(
             futures_util::poll!(poll_fn(|cx| Service::<&str>::poll_ready(&mut rr, cx)))
