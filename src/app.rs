@@ -8,7 +8,15 @@ use crate::{
     stack,
 };
 use anyhow::Context;
-use baton_discovery::{static_source, Registry};
+use baton_discovery::{
+    consul::{
+        self,
+        api::{HttpCheck, Registration, Weights, META_HANDOFF_PORT, META_VERSION},
+        register::Registrar,
+        watch::Watch,
+    },
+    static_source, Registry,
+};
 use baton_layers::{
     handoff::{diag, nft, repair, tables, Handoff, HandoffConfig},
     metrics::Metrics,
@@ -57,6 +65,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(settings) => start_handoff(settings, &metrics, drain_rx.clone()).await?,
         None => None,
     };
+    let registrar = match &config.registration {
+        Some(_) => Some(Arc::new(registrar(
+            &config,
+            admin_addr,
+            handoff.as_deref(),
+        )?)),
+        None => None,
+    };
     let stacks = stack::build(&config, &registry, &metrics, handoff.clone());
     let server = Arc::new(Server::new(
         ServeConfig {
@@ -78,9 +94,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     state.listening.store(true, Ordering::Release);
     tracing::info!(inbound = %inbound_addr, admin = %admin_addr, mode = ?config.inbound_mode, "listening");
+    let registration = registrar
+        .clone()
+        .map(|r| tokio::spawn(async move { r.run().await }));
 
     let signal = shutdown_signal(reload).await?;
     tracing::info!(signal, grace = ?config.shutdown_grace, "shutting down: no longer ready, draining connections");
+    if let (Some(task), Some(registrar)) = (registration, registrar) {
+        // Leave Consul first, so peers stop choosing this instance while it still
+        // serves what they already sent; a check on /ready would notice only later.
+        task.abort();
+        // Bounded: an unreachable agent must not hold up the drain.
+        let deregistered = tokio::time::timeout(DEREGISTER_TIMEOUT, registrar.deregister())
+            .await
+            .unwrap_or(Err(consul::Error::Timeout(DEREGISTER_TIMEOUT)));
+        match deregistered {
+            Ok(()) => tracing::info!(id = registrar.id(), "deregistered from Consul"),
+            Err(error) => {
+                tracing::warn!(id = registrar.id(), %error, "cannot deregister from Consul; its check on /ready fails while draining, and DeregisterCriticalServiceAfter removes the instance")
+            }
+        }
+    }
     state.draining.store(true, Ordering::Release);
     let _ = drain.send(true);
     let _ = accept.await;
@@ -198,27 +232,104 @@ async fn start_handoff(
     Ok(Some(handoff))
 }
 
+/// How long shutdown waits for Consul to confirm the deregistration.
+const DEREGISTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The least time a flow stays held (frozen) before the kernel lets its packets
 /// through again.
 const HOLD_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Publishes static services and watches the static file.
+/// Publishes static services and watches the static file; with Consul discovery,
+/// starts a watch of every routed service the static source does not define.
 fn start_discovery(config: &Config, registry: &Registry, reload: Arc<Notify>) {
-    match config.discovery {
-        DiscoveryKind::Static => match &config.static_file {
-            None => static_source::publish(registry, &config.static_services),
-            Some(path) => {
-                let watch = static_source::FileWatch::new(
-                    path.clone(),
-                    config.static_services.clone(),
-                    registry.clone(),
-                    reload,
-                );
-                // Publishes the startup content (env merged with file), then watches.
-                tokio::spawn(watch.run(config.static_file_services.clone()));
-            }
-        },
+    match &config.static_file {
+        None => static_source::publish(registry, &config.static_services),
+        Some(path) => {
+            let watch = static_source::FileWatch::new(
+                path.clone(),
+                config.static_services.clone(),
+                registry.clone(),
+                reload,
+            );
+            // Publishes the startup content (env merged with file), then watches.
+            tokio::spawn(watch.run(config.static_file_services.clone()));
+        }
     }
+    if let (DiscoveryKind::Consul, Some(settings)) = (config.discovery, &config.consul) {
+        let client = consul::Client::new(settings.client.clone());
+        let watched: Vec<_> = config
+            .routed_services()
+            .into_iter()
+            .filter(|s| {
+                !config.static_services.contains_key(&**s)
+                    && !config.static_file_services.contains_key(&**s)
+            })
+            .collect();
+        tracing::info!(agent = %settings.client.url(), services = ?watched, "discovering services in Consul");
+        for service in watched {
+            let watch = Watch::new(
+                client.clone(),
+                service,
+                registry.clone(),
+                settings.watch.clone(),
+            );
+            tokio::spawn(watch.run());
+        }
+    }
+}
+
+/// The registration of the local service: its address and port, metadata (baton's
+/// version and, when handoff runs, the receiver's port), and an HTTP check of `/ready`
+/// on the admin server.
+fn registrar(
+    config: &Config,
+    admin_addr: std::net::SocketAddr,
+    handoff: Option<&Handoff>,
+) -> anyhow::Result<Registrar> {
+    let (Some(reg), Some(settings)) = (&config.registration, &config.consul) else {
+        anyhow::bail!("registration without Consul settings");
+    };
+    let mut meta = reg.meta.clone();
+    meta.insert(META_VERSION.into(), env!("CARGO_PKG_VERSION").into());
+    if let Some(h) = handoff {
+        meta.insert(META_HANDOFF_PORT.into(), h.config().listen_port.to_string());
+    }
+    // The agent reaches the admin server at the registered address unless the admin
+    // server listens on one address only.
+    let check_ip = if admin_addr.ip().is_unspecified() {
+        reg.address
+    } else {
+        admin_addr.ip()
+    };
+    let registration = Registration {
+        id: reg.id.clone(),
+        name: reg.name.clone(),
+        tags: reg.tags.clone(),
+        address: reg.address.to_string(),
+        port: reg.port,
+        meta,
+        weights: Weights {
+            passing: reg.weight,
+            warning: 1,
+        },
+        check: HttpCheck {
+            name: "baton ready".into(),
+            http: format!(
+                "http://{}/ready",
+                std::net::SocketAddr::new(check_ip, admin_addr.port())
+            ),
+            interval: consul::go_duration(reg.check_interval),
+            timeout: consul::go_duration(reg.check_timeout),
+            deregister_critical_service_after: consul::go_duration(reg.deregister_after),
+        },
+    };
+    Ok(Registrar::new(
+        consul::Client::new(settings.client.clone()),
+        &registration,
+        settings.watch.wait,
+        settings.watch.backoff_base,
+        settings.watch.backoff_max,
+    )?)
 }
 
 /// Waits for SIGTERM or SIGINT; SIGHUP asks discovery to reload its file.

@@ -6,7 +6,10 @@
 //! every bad variable is reported, by name, with the value and the expected form, and
 //! `main` exits with status 2. An empty variable counts as unset.
 
-use baton_discovery::static_source::{self, ServiceMap};
+use baton_discovery::{
+    consul::{self, watch::WatchSettings, ClientSettings, Consistency},
+    static_source::{self, ServiceMap},
+};
 use baton_layers::{
     balance::HttpHashKey,
     handoff::wire::Key,
@@ -18,7 +21,7 @@ use serde::{Serialize, Serializer};
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     str::FromStr,
     sync::Arc,
@@ -95,8 +98,38 @@ vars! {
     BATON_IDLE_PARK = DEFAULT_IDLE_PARK: "1s";
     /// Ordered routes, `MATCH=SERVICE;...`.
     BATON_ROUTES = DEFAULT_ROUTES: "";
-    /// Discovery source.
+    /// Discovery source: `static` or `consul`.
     BATON_DISCOVERY = DEFAULT_DISCOVERY: "static";
+    /// Longest time Consul may hold a blocking query (at most 10m).
+    BATON_CONSUL_WAIT = DEFAULT_CONSUL_WAIT: "5m";
+    /// The Consul datacenter to discover services in (empty: the agent's).
+    BATON_CONSUL_DATACENTER = DEFAULT_CONSUL_DATACENTER: "";
+    /// Consul read consistency: `default`, `stale` or `consistent`.
+    BATON_CONSUL_CONSISTENCY = DEFAULT_CONSUL_CONSISTENCY: "default";
+    /// Sustained Consul queries per second per watched service (a token bucket).
+    BATON_CONSUL_QUERY_RATE = DEFAULT_CONSUL_QUERY_RATE: "10";
+    /// Longest retry delay after Consul failures (exponential backoff with jitter).
+    BATON_CONSUL_BACKOFF_MAX = DEFAULT_CONSUL_BACKOFF_MAX: "10s";
+    /// Register this service in Consul under this name (empty: no registration).
+    BATON_SERVICE_NAME = DEFAULT_SERVICE_NAME: "";
+    /// The registered service's port (required with `BATON_SERVICE_NAME`).
+    BATON_SERVICE_PORT = DEFAULT_SERVICE_PORT: "";
+    /// The registered address (empty: `POD_IP`, else the default-route interface's).
+    BATON_SERVICE_ADDRESS = DEFAULT_SERVICE_ADDRESS: "";
+    /// The registered instance ID (empty: `NAME-HOSTNAME`).
+    BATON_SERVICE_ID = DEFAULT_SERVICE_ID: "";
+    /// Tags of the registration, `a,b`.
+    BATON_SERVICE_TAGS = DEFAULT_SERVICE_TAGS: "";
+    /// Metadata of the registration, `key=value,...`.
+    BATON_SERVICE_META = DEFAULT_SERVICE_META: "";
+    /// The registration's balancing weight while passing.
+    BATON_SERVICE_WEIGHT = DEFAULT_SERVICE_WEIGHT: "1";
+    /// How often the agent checks baton's `/ready`.
+    BATON_SERVICE_CHECK_INTERVAL = DEFAULT_SERVICE_CHECK_INTERVAL: "10s";
+    /// How long each check may take.
+    BATON_SERVICE_CHECK_TIMEOUT = DEFAULT_SERVICE_CHECK_TIMEOUT: "2s";
+    /// The agent removes the instance after its check has been critical this long.
+    BATON_SERVICE_DEREGISTER_AFTER = DEFAULT_SERVICE_DEREGISTER_AFTER: "1m";
     /// Static services, `NAME=IP:PORT[@HANDOFF],...;...`.
     BATON_STATIC_SERVICES = DEFAULT_STATIC_SERVICES: "";
     /// A file with static services, re-read on change and SIGHUP.
@@ -178,6 +211,9 @@ pub enum InboundMode {
 pub enum DiscoveryKind {
     /// `BATON_STATIC_SERVICES` and `BATON_STATIC_FILE`.
     Static,
+    /// Consul blocking-query watches (services defined statically still come from the
+    /// static source).
+    Consul,
 }
 
 /// Log line format.
@@ -271,6 +307,59 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Connection handoff, when on.
     pub handoff: Option<HandoffSettings>,
+    /// The Consul agent, when discovery or registration uses it.
+    pub consul: Option<ConsulSettings>,
+    /// Registration of the local service in Consul, when `BATON_SERVICE_NAME` is set.
+    pub registration: Option<RegistrationSettings>,
+}
+
+/// How baton talks to Consul.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConsulSettings {
+    /// The agent and how to reach it (from the `CONSUL_*` variables).
+    #[serde(serialize_with = "consul_client")]
+    pub client: ClientSettings,
+    /// The watches' pacing.
+    pub watch: WatchSettings,
+}
+
+fn consul_client<S: Serializer>(c: &ClientSettings, s: S) -> Result<S::Ok, S::Error> {
+    serde_json::json!({
+        "address": c.url(),
+        "tls": c.tls.as_ref().map(|t| serde_json::json!({"verify": t.verify})),
+        "token": c.token.as_ref().map(|_| "<redacted>"),
+        "datacenter": c.datacenter,
+        "consistency": c.consistency,
+    })
+    .serialize(s)
+}
+
+/// The local service as registered in Consul.
+#[derive(Clone, Debug, Serialize)]
+pub struct RegistrationSettings {
+    /// Service name.
+    pub name: String,
+    /// Instance ID.
+    pub id: String,
+    /// Address peers reach it at.
+    pub address: IpAddr,
+    /// Port peers reach it at.
+    pub port: u16,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// User metadata.
+    pub meta: BTreeMap<String, String>,
+    /// Weight while passing.
+    pub weight: u32,
+    /// Check interval.
+    #[serde(serialize_with = "duration")]
+    pub check_interval: Duration,
+    /// Check timeout.
+    #[serde(serialize_with = "duration")]
+    pub check_timeout: Duration,
+    /// Deregistration after critical.
+    #[serde(serialize_with = "duration")]
+    pub deregister_after: Duration,
 }
 
 /// Connection handoff settings (`BATON_HANDOFF=on`).
@@ -565,6 +654,273 @@ fn handoff_settings<S: Strings>(
     }))
 }
 
+/// Parses the `BATON_CONSUL_*` variables (always, so mistakes show even when unused).
+fn consul_watch_settings<S: Strings>(
+    p: &mut Parser<'_, S>,
+) -> Option<(WatchSettings, Option<String>, Consistency)> {
+    let wait = p.var(BATON_CONSUL_WAIT, DEFAULT_CONSUL_WAIT, |s| {
+        match positive_duration(s)? {
+            d if d < Duration::from_secs(1) => Err("expected at least 1s".into()),
+            // Consul caps the wait at 10 minutes.
+            d if d > Duration::from_secs(600) => {
+                Err("expected at most 10m (Consul's limit)".into())
+            }
+            d => Ok(d),
+        }
+    });
+    let datacenter = p.raw(BATON_CONSUL_DATACENTER).map(|s| s.trim().to_string());
+    if let Some(dc) = &datacenter {
+        if !dc
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            p.fail(
+                BATON_CONSUL_DATACENTER,
+                dc,
+                "expected a datacenter name (letters, digits, - and _)",
+            );
+        }
+    }
+    let consistency = p.var(
+        BATON_CONSUL_CONSISTENCY,
+        DEFAULT_CONSUL_CONSISTENCY,
+        parse_from::<Consistency>("expected default, stale or consistent"),
+    );
+    let rate = p.var(BATON_CONSUL_QUERY_RATE, DEFAULT_CONSUL_QUERY_RATE, |s| {
+        s.parse::<f64>()
+            .ok()
+            .filter(|r| (0.01..=1000.0).contains(r))
+            .ok_or_else(|| "expected queries per second from 0.01 to 1000".into())
+    });
+    let backoff_max =
+        p.var(
+            BATON_CONSUL_BACKOFF_MAX,
+            DEFAULT_CONSUL_BACKOFF_MAX,
+            |s| match positive_duration(s)? {
+                d if d < Duration::from_millis(200) => Err("expected at least 200ms".into()),
+                d => Ok(d),
+            },
+        );
+    let watch = WatchSettings {
+        wait: wait?,
+        rate: rate?,
+        backoff_max: backoff_max?,
+        ..WatchSettings::default()
+    };
+    Some((watch, datacenter, consistency?))
+}
+
+/// Reads the consul CLI's `CONSUL_*` variables.
+fn consul_client_settings<S: Strings>(p: &mut Parser<'_, S>) -> Option<ClientSettings> {
+    let strings = p.strings;
+    match consul::env::from_env(&|name| strings.get(name)) {
+        Ok(c) => Some(c),
+        Err(errors) => {
+            for e in errors {
+                p.fail(e.name, &e.value, e.expected);
+            }
+            None
+        }
+    }
+}
+
+/// Parses the `BATON_SERVICE_*` variables; `Some(None)` when no name is set.
+fn registration_settings<S: Strings>(
+    p: &mut Parser<'_, S>,
+) -> Option<Option<RegistrationSettings>> {
+    let name = p.raw(BATON_SERVICE_NAME).map(|s| s.trim().to_string());
+    if let Some(n) = &name {
+        if !valid_name(n) {
+            p.fail(
+                BATON_SERVICE_NAME,
+                n,
+                "expected a service name of letters, digits and dashes",
+            );
+        }
+    }
+    let port = match p.raw(BATON_SERVICE_PORT) {
+        None if name.is_some() => {
+            p.fail(
+                BATON_SERVICE_PORT,
+                "",
+                "required with BATON_SERVICE_NAME: the port peers reach the service at",
+            );
+            None
+        }
+        None => Some(0),
+        Some(v) => match v.trim().parse::<u16>().ok().filter(|p| *p != 0) {
+            Some(port) => Some(port),
+            None => {
+                p.fail(BATON_SERVICE_PORT, &v, "expected a port from 1 to 65535");
+                None
+            }
+        },
+    };
+    let address = match p.raw(BATON_SERVICE_ADDRESS) {
+        Some(v) => match v.trim().parse::<IpAddr>() {
+            Ok(ip) => Some(Some(ip)),
+            Err(_) => {
+                p.fail(BATON_SERVICE_ADDRESS, &v, "expected an IP address");
+                None
+            }
+        },
+        None => Some(None),
+    };
+    let id = p.raw(BATON_SERVICE_ID).map(|s| s.trim().to_string());
+    if let Some(i) = &id {
+        if i.contains(['/', '?', '#', ' ']) {
+            p.fail(
+                BATON_SERVICE_ID,
+                i,
+                "expected an ID without /, ?, # or spaces",
+            );
+        }
+    }
+    let tags = p.var(BATON_SERVICE_TAGS, DEFAULT_SERVICE_TAGS, |s| {
+        Ok(s.split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(String::from)
+            .collect::<Vec<_>>())
+    });
+    let meta = p.var(BATON_SERVICE_META, DEFAULT_SERVICE_META, parse_meta);
+    let weight = p.var(BATON_SERVICE_WEIGHT, DEFAULT_SERVICE_WEIGHT, |s| {
+        s.parse::<u32>()
+            .ok()
+            .filter(|w| (1..=65535).contains(w))
+            .ok_or_else(|| "expected a weight from 1 to 65535".into())
+    });
+    let check_interval = p.var(
+        BATON_SERVICE_CHECK_INTERVAL,
+        DEFAULT_SERVICE_CHECK_INTERVAL,
+        |s| match positive_duration(s)? {
+            d if d < Duration::from_millis(100) => Err("expected at least 100ms".into()),
+            d => Ok(d),
+        },
+    );
+    let check_timeout = p.var(
+        BATON_SERVICE_CHECK_TIMEOUT,
+        DEFAULT_SERVICE_CHECK_TIMEOUT,
+        positive_duration,
+    );
+    let deregister_after = p.var(
+        BATON_SERVICE_DEREGISTER_AFTER,
+        DEFAULT_SERVICE_DEREGISTER_AFTER,
+        |s| match positive_duration(s)? {
+            // Consul's minimum: its reaper runs every 30 seconds anyway.
+            d if d < Duration::from_secs(1) => Err("expected at least 1s".into()),
+            d => Ok(d),
+        },
+    );
+    let Some(name) = name else {
+        return Some(None);
+    };
+    let address = match address? {
+        Some(ip) => ip,
+        None => match default_service_address(p.strings) {
+            Ok(ip) => ip,
+            Err(why) => {
+                p.fail(
+                    BATON_SERVICE_ADDRESS,
+                    "",
+                    format!("not set, and no default: {why}; set it (or POD_IP)"),
+                );
+                return None;
+            }
+        },
+    };
+    let id = match id {
+        Some(id) => id,
+        None => format!("{name}-{}", hostname()),
+    };
+    Some(Some(RegistrationSettings {
+        name,
+        id,
+        address,
+        port: port?,
+        tags: tags?,
+        meta: meta?,
+        weight: weight?,
+        check_interval: check_interval?,
+        check_timeout: check_timeout?,
+        deregister_after: deregister_after?,
+    }))
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 255
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+/// `key=value,...` service metadata, within Consul's limits.
+fn parse_meta(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut meta = BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?}: expected key=value,..."))?;
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty()
+            || k.len() > 128
+            || !k
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "key {k:?}: expected at most 128 letters, digits, - and _"
+            ));
+        }
+        if k.starts_with("consul-") || k.starts_with("baton-") {
+            return Err(format!(
+                "key {k:?}: the consul- and baton- prefixes are reserved"
+            ));
+        }
+        if v.len() > 512 {
+            return Err(format!("value of {k:?}: at most 512 characters"));
+        }
+        meta.insert(k.to_string(), v.to_string());
+    }
+    // Consul allows 64 pairs; baton adds two of its own.
+    if meta.len() > 62 {
+        return Err("at most 62 pairs".into());
+    }
+    Ok(meta)
+}
+
+/// The address to register when none is configured: `POD_IP` (Kubernetes' downward
+/// API), else the first IPv4 address of the default route's interface.
+fn default_service_address(strings: &impl Strings) -> Result<IpAddr, String> {
+    if let Some(ip) = strings.get("POD_IP").filter(|s| !s.trim().is_empty()) {
+        return ip
+            .trim()
+            .parse()
+            .map_err(|_| format!("POD_IP={ip:?} is not an IP address"));
+    }
+    let interface = baton_layers::handoff::tables::default_interface()?;
+    let out = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show", "dev", &interface])
+        .output()
+        .map_err(|e| format!("cannot run `ip`: {e}"))?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next()?.parse().ok())
+        .ok_or_else(|| format!("{interface} has no IPv4 address"))
+}
+
+/// This host's name (the pod name in Kubernetes).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 impl Config {
     /// Parses and validates the configuration from `strings`.
     pub fn from_strings(strings: &impl Strings) -> Result<Self, ConfigError> {
@@ -615,8 +971,11 @@ impl Config {
         });
         let discovery = p.var(BATON_DISCOVERY, DEFAULT_DISCOVERY, |s| match s {
             "static" => Ok(DiscoveryKind::Static),
-            _ => Err("expected static".into()),
+            "consul" => Ok(DiscoveryKind::Consul),
+            _ => Err("expected static or consul".into()),
         });
+        let consul_watch = consul_watch_settings(&mut p);
+        let registration = registration_settings(&mut p);
         let static_services = p.var(BATON_STATIC_SERVICES, DEFAULT_STATIC_SERVICES, |s| {
             static_source::parse(s)
                 .map_err(|e| format!("{e}; expected NAME=IP:PORT[@HANDOFF_PORT],...;NAME=..."))
@@ -739,6 +1098,16 @@ impl Config {
             _ => Err("expected off or on".into()),
         });
         let handoff = handoff_settings(&mut p, handoff_on.unwrap_or(false), routes.as_ref());
+        let consul = match (discovery, &registration) {
+            (Some(DiscoveryKind::Consul), _) | (_, Some(Some(_))) => consul_client_settings(&mut p)
+                .zip(consul_watch)
+                .map(|(mut client, (watch, datacenter, consistency))| {
+                    client.datacenter = datacenter;
+                    client.consistency = consistency;
+                    Some(ConsulSettings { client, watch })
+                }),
+            _ => Some(None),
+        };
 
         // Cross-variable checks, only when the parts themselves parsed.
         let mut route_configs = Vec::new();
@@ -835,6 +1204,8 @@ impl Config {
             workers: workers.ok_or_else(missing)?,
             shutdown_grace: shutdown_grace.ok_or_else(missing)?,
             handoff: handoff.ok_or_else(missing)?,
+            consul: consul.ok_or_else(missing)?,
+            registration: registration.ok_or_else(missing)?,
         })
     }
 
@@ -850,9 +1221,8 @@ impl Config {
         names
     }
 
-    /// The effective configuration as JSON (served at `/config`). Nothing secret is
-    /// configured through `BATON_*` variables yet; secrets added later are redacted
-    /// here.
+    /// The effective configuration as JSON (served at `/config`). Secrets are never
+    /// in it: the handoff key is skipped, the Consul token redacted.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
     }
@@ -1024,6 +1394,66 @@ mod tests {
                 BATON_SERVICE_IDLE_TIMEOUT
             ]
         );
+    }
+
+    #[test]
+    fn consul_discovery_and_registration() {
+        // Routed services need no static definition with Consul.
+        let c = parse(&[
+            (BATON_ROUTES, "*=web"),
+            (BATON_DISCOVERY, "consul"),
+            ("CONSUL_HTTP_ADDR", "unix:///run/consul.sock"),
+            ("CONSUL_HTTP_TOKEN", "s3cr3t"),
+            (BATON_CONSUL_DATACENTER, "eu-west"),
+            (BATON_CONSUL_CONSISTENCY, "stale"),
+            (BATON_SERVICE_NAME, "web"),
+            (BATON_SERVICE_PORT, "8080"),
+            ("POD_IP", "10.1.2.3"),
+            (BATON_SERVICE_META, "team=storage, tier=1"),
+        ])
+        .unwrap();
+        let consul = c.consul.as_ref().expect("consul settings");
+        assert_eq!(consul.client.datacenter.as_deref(), Some("eu-west"));
+        assert_eq!(consul.client.consistency, Consistency::Stale);
+        assert_eq!(consul.watch.wait, Duration::from_secs(300));
+        let reg = c.registration.as_ref().expect("registration");
+        assert_eq!(reg.address, "10.1.2.3".parse::<IpAddr>().unwrap());
+        assert!(reg.id.starts_with("web-"));
+        assert_eq!(reg.meta["tier"], "1");
+        let json = c.to_json().to_string();
+        assert!(!json.contains("s3cr3t"), "the token is never shown: {json}");
+        assert!(json.contains("<redacted>"));
+        // Static discovery needs no Consul unless registering.
+        assert!(parse(&[]).unwrap().consul.is_none());
+    }
+
+    #[test]
+    fn consul_mistakes_are_reported_by_name() {
+        let err = parse(&[
+            (BATON_DISCOVERY, "etcd"),
+            (BATON_CONSUL_WAIT, "20m"),
+            (BATON_SERVICE_NAME, "web"),
+            (BATON_SERVICE_META, "consul-x=1"),
+            ("POD_IP", "10.1.2.3"),
+        ])
+        .unwrap_err();
+        let names: Vec<_> = err.0.iter().map(|e| e.name).collect();
+        assert_eq!(
+            names,
+            [
+                BATON_DISCOVERY,
+                BATON_CONSUL_WAIT,
+                BATON_SERVICE_PORT,
+                BATON_SERVICE_META
+            ]
+        );
+        let err = parse(&[
+            (BATON_ROUTES, "*=web"),
+            (BATON_DISCOVERY, "consul"),
+            ("CONSUL_HTTP_ADDR", "ftp://consul:8500"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.0[0].name, "CONSUL_HTTP_ADDR");
     }
 
     #[test]

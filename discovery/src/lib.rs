@@ -1,7 +1,6 @@
 //! Service discovery for baton.
 //!
-//! Every discovery source (static configuration, a watched file, and Consul in a later
-//! module) publishes *snapshots* — the complete set of instances of one service — into a
+//! Every discovery source (static configuration, a watched file, and Consul in [`consul`]) publishes *snapshots* — the complete set of instances of one service — into a
 //! [`Registry`]. Balancers subscribe with [`Registry::resolve`] and receive a
 //! [`Resolution`]: a [`tower::discover::Discover`] stream of
 //! [`Change::Insert`](tower::discover::Change)/[`Change::Remove`](tower::discover::Change)
@@ -14,6 +13,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod consul;
 mod registry;
 pub mod static_source;
 

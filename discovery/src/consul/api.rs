@@ -1,0 +1,382 @@
+//! The parts of Consul's API baton uses, as its documentation describes them.
+//!
+//! Decoding is lenient the way Consul's own clients are: unknown fields are ignored,
+//! and fields Consul may send as `null` (`Tags`, `Meta`, `Weights`, `Checks`) default.
+
+use crate::Instance;
+use serde::{Deserialize, Deserializer, Serialize};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+/// The service metadata key carrying a baton's handoff receiver port.
+pub const META_HANDOFF_PORT: &str = "baton-handoff-port";
+/// The service metadata key carrying the registering baton's version.
+pub const META_VERSION: &str = "baton-version";
+
+fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// One entry of `GET /v1/health/service/:service`: an instance, its node, its checks.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceEntry {
+    /// The node the instance runs on.
+    pub node: Node,
+    /// The instance.
+    pub service: AgentService,
+    /// The node's and the instance's checks.
+    #[serde(default, deserialize_with = "null_default")]
+    pub checks: Vec<HealthCheck>,
+}
+
+/// A catalog node.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct Node {
+    /// The node's name.
+    pub node: String,
+    /// The node's address: the instance's address when it gives none.
+    #[serde(default)]
+    pub address: String,
+    /// The node's datacenter.
+    #[serde(default)]
+    pub datacenter: String,
+}
+
+/// A service instance, as the health and agent endpoints describe it.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct AgentService {
+    /// The instance's ID (unique on its node).
+    #[serde(rename = "ID")]
+    pub id: String,
+    /// The service name.
+    pub service: String,
+    /// Tags.
+    #[serde(default, deserialize_with = "null_default")]
+    pub tags: Vec<String>,
+    /// The instance's address; empty means the node's.
+    #[serde(default)]
+    pub address: String,
+    /// Its port.
+    #[serde(default)]
+    pub port: u32,
+    /// Metadata.
+    #[serde(default, deserialize_with = "null_default")]
+    pub meta: HashMap<String, String>,
+    /// Balancing weights.
+    #[serde(default, deserialize_with = "null_default")]
+    pub weights: Weights,
+}
+
+/// Balancing weights of an instance by health.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct Weights {
+    /// Weight while every check passes.
+    #[serde(default = "one")]
+    pub passing: u32,
+    /// Weight while some check warns.
+    #[serde(default = "one")]
+    pub warning: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Self {
+            passing: 1,
+            warning: 1,
+        }
+    }
+}
+
+/// A health check's state.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct HealthCheck {
+    /// The check's ID.
+    #[serde(rename = "CheckID")]
+    pub check_id: String,
+    /// `passing`, `warning` or `critical`.
+    pub status: String,
+    /// The instance it belongs to (empty for node checks).
+    #[serde(rename = "ServiceID", default)]
+    pub service_id: String,
+}
+
+impl ServiceEntry {
+    /// The key the instance is known by: service IDs are unique per node only.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.node.node, self.service.id)
+    }
+
+    /// The instance as balancers see it: `Service.Address`, else `Node.Address`; the
+    /// port; the handoff port from the metadata; the weight for its health.
+    ///
+    /// An entry baton cannot send to (a host name instead of an IP, no port) is an
+    /// error saying why; the caller skips it.
+    pub fn to_instance(&self) -> Result<Instance, String> {
+        let address = if self.service.address.is_empty() {
+            &self.node.address
+        } else {
+            &self.service.address
+        };
+        let ip: IpAddr = address.parse().map_err(|_| {
+            format!("address {address:?} is not an IP address (host names are not resolved)")
+        })?;
+        let port = u16::try_from(self.service.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("port {} is not a port", self.service.port))?;
+        let handoff_port = match self.service.meta.get(META_HANDOFF_PORT) {
+            None => None,
+            Some(p) => Some(
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("meta {META_HANDOFF_PORT}={p:?} is not a port"))?,
+            ),
+        };
+        let warning = self
+            .checks
+            .iter()
+            .any(|c| c.status == "warning" && c.service_id == self.service.id);
+        let weight = if warning {
+            self.service.weights.warning
+        } else {
+            self.service.weights.passing
+        };
+        Ok(Instance {
+            id: Arc::from(self.key()),
+            addr: SocketAddr::new(ip, port),
+            handoff_port,
+            weight: weight.max(1),
+        })
+    }
+}
+
+/// `PUT /v1/agent/service/register`: the local service, with baton's readiness check.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct Registration {
+    /// The instance's ID.
+    #[serde(rename = "ID")]
+    pub id: String,
+    /// The service name.
+    pub name: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// The address peers reach the service at.
+    pub address: String,
+    /// The port peers reach the service at.
+    pub port: u16,
+    /// Metadata (including baton's own keys).
+    pub meta: BTreeMap<String, String>,
+    /// Balancing weights.
+    pub weights: Weights,
+    /// The readiness check the agent runs.
+    pub check: HttpCheck,
+}
+
+/// An HTTP health check definition.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct HttpCheck {
+    /// The check's name.
+    pub name: String,
+    /// The URL the agent GETs: 2xx passing, 429 warning, else critical.
+    #[serde(rename = "HTTP")]
+    pub http: String,
+    /// How often.
+    pub interval: String,
+    /// How long each attempt may take.
+    pub timeout: String,
+    /// The agent removes the instance once the check has been critical this long.
+    pub deregister_critical_service_after: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sample response of "List Service Instances for Service"
+    /// (`/v1/health/service/:service`) in Consul's HTTP API documentation.
+    const HEALTH_SERVICE_SAMPLE: &str = r#"[
+  {
+    "Node": {
+      "ID": "40e4a748-2192-161a-0510-9bf59fe950b5",
+      "Node": "foobar",
+      "Address": "10.1.10.12",
+      "Datacenter": "dc1",
+      "TaggedAddresses": {
+        "lan": "10.1.10.12",
+        "wan": "10.1.10.12"
+      },
+      "Meta": {
+        "instance_type": "t2.medium"
+      }
+    },
+    "Service": {
+      "ID": "redis",
+      "Service": "redis",
+      "Tags": ["primary"],
+      "Address": "10.1.10.12",
+      "TaggedAddresses": {
+        "lan": {
+          "address": "10.1.10.12",
+          "port": 8000
+        },
+        "wan": {
+          "address": "198.18.1.2",
+          "port": 80
+        }
+      },
+      "Meta": {
+        "redis_version": "4.0"
+      },
+      "Port": 8000,
+      "Weights": {
+        "Passing": 10,
+        "Warning": 1
+      },
+      "Namespace": "default"
+    },
+    "Checks": [
+      {
+        "Node": "foobar",
+        "CheckID": "service:redis",
+        "Name": "Service 'redis' check",
+        "Status": "passing",
+        "Notes": "",
+        "Output": "",
+        "ServiceID": "redis",
+        "ServiceName": "redis",
+        "ServiceTags": ["primary"],
+        "Namespace": "default"
+      },
+      {
+        "Node": "foobar",
+        "CheckID": "serfHealth",
+        "Name": "Serf Health Status",
+        "Status": "passing",
+        "Notes": "",
+        "Output": "",
+        "ServiceID": "",
+        "ServiceName": "",
+        "ServiceTags": [],
+        "Namespace": "default"
+      }
+    ]
+  }
+]"#;
+
+    #[test]
+    fn decodes_the_documented_health_service_response() {
+        let entries: Vec<ServiceEntry> = serde_json::from_str(HEALTH_SERVICE_SAMPLE).unwrap();
+        assert_eq!(entries.len(), 1);
+        let e = &entries[0];
+        assert_eq!(e.node.node, "foobar");
+        assert_eq!(e.service.id, "redis");
+        assert_eq!(e.service.port, 8000);
+        assert_eq!(e.service.meta["redis_version"], "4.0");
+        assert_eq!(e.service.weights.passing, 10);
+        assert_eq!(e.checks.len(), 2);
+        let i = e.to_instance().unwrap();
+        assert_eq!(&*i.id, "foobar/redis");
+        assert_eq!(i.addr, "10.1.10.12:8000".parse().unwrap());
+        assert_eq!(i.weight, 10);
+        assert_eq!(i.handoff_port, None);
+    }
+
+    fn entry(json: serde_json::Value) -> ServiceEntry {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn node_address_fallback_meta_port_and_nulls() {
+        let e = entry(serde_json::json!({
+            "Node": {"Node": "n1", "Address": "10.0.0.7"},
+            "Service": {"ID": "web-1", "Service": "web", "Address": "", "Port": 8080,
+                        "Tags": null, "Meta": {"baton-handoff-port": "15010"}, "Weights": null},
+            "Checks": null
+        }));
+        let i = e.to_instance().unwrap();
+        assert_eq!(i.addr, "10.0.0.7:8080".parse().unwrap());
+        assert_eq!(i.handoff_port, Some(15010));
+        assert_eq!(i.weight, 1);
+        assert!(e.checks.is_empty() && e.service.tags.is_empty());
+    }
+
+    #[test]
+    fn warning_weight_applies_to_an_instance_with_a_warning_check() {
+        let e = entry(serde_json::json!({
+            "Node": {"Node": "n1", "Address": "10.0.0.7"},
+            "Service": {"ID": "web-1", "Service": "web", "Port": 80,
+                        "Weights": {"Passing": 5, "Warning": 2}},
+            "Checks": [{"CheckID": "service:web-1", "Status": "warning", "ServiceID": "web-1"}]
+        }));
+        assert_eq!(e.to_instance().unwrap().weight, 2);
+    }
+
+    #[test]
+    fn unusable_entries_say_why() {
+        let bad = |service: serde_json::Value| {
+            entry(serde_json::json!({"Node": {"Node": "n", "Address": "10.0.0.1"}, "Service": service}))
+                .to_instance()
+                .unwrap_err()
+        };
+        assert!(bad(
+            serde_json::json!({"ID": "a", "Service": "s", "Address": "db.internal", "Port": 1})
+        )
+        .contains("not an IP"));
+        assert!(bad(serde_json::json!({"ID": "a", "Service": "s", "Port": 0})).contains("port"));
+        assert!(
+            bad(serde_json::json!({"ID": "a", "Service": "s", "Port": 70000})).contains("port")
+        );
+        assert!(bad(serde_json::json!({"ID": "a", "Service": "s", "Port": 1,
+                                         "Meta": {"baton-handoff-port": "x"}}))
+        .contains(META_HANDOFF_PORT));
+    }
+
+    #[test]
+    fn registration_encodes_as_the_agent_expects() {
+        let r = Registration {
+            id: "web-host1".into(),
+            name: "web".into(),
+            tags: vec!["v1".into()],
+            address: "10.0.0.5".into(),
+            port: 8080,
+            meta: [(META_VERSION.to_string(), "0.1.0".to_string())].into(),
+            weights: Weights {
+                passing: 3,
+                warning: 1,
+            },
+            check: HttpCheck {
+                name: "baton ready".into(),
+                http: "http://10.0.0.5:15021/ready".into(),
+                interval: "10s".into(),
+                timeout: "2s".into(),
+                deregister_critical_service_after: "1m".into(),
+            },
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["ID"], "web-host1");
+        assert_eq!(v["Name"], "web");
+        assert_eq!(v["Meta"]["baton-version"], "0.1.0");
+        assert_eq!(v["Weights"]["Passing"], 3);
+        assert_eq!(v["Check"]["HTTP"], "http://10.0.0.5:15021/ready");
+        assert_eq!(v["Check"]["DeregisterCriticalServiceAfter"], "1m");
+    }
+}

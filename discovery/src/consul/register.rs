@@ -1,0 +1,154 @@
+//! Registering the local service with the Consul agent, and keeping it registered.
+//!
+//! [`Registrar::run`] registers (`PUT /v1/agent/service/register`) and then watches the
+//! registration with a blocking query on `GET /v1/agent/service/<id>` (by content
+//! hash): idle, that is one request per `wait`. When the agent answers 404 (it was
+//! restarted without its state, or someone deregistered the instance) it registers
+//! again. [`Registrar::deregister`] removes the instance; the application calls it on
+//! shutdown *before* draining, so peers stop choosing this instance while it still
+//! serves.
+
+use super::{
+    api::Registration,
+    client::{encode, go_duration, Client, Error},
+    retry::{Backoff, TokenBucket},
+};
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use std::time::Duration;
+
+/// Keeps one service instance registered.
+#[derive(Debug)]
+pub struct Registrar {
+    client: Client,
+    id: String,
+    name: String,
+    body: Bytes,
+    wait: Duration,
+    backoff: Backoff,
+}
+
+/// How long a registration call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Registrar {
+    /// A registrar of `registration`; `wait` bounds its blocking queries.
+    pub fn new(
+        client: Client,
+        registration: &Registration,
+        wait: Duration,
+        backoff_base: Duration,
+        backoff_max: Duration,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            client,
+            id: registration.id.clone(),
+            name: registration.name.clone(),
+            body: serde_json::to_vec(registration)?.into(),
+            wait,
+            backoff: Backoff {
+                base: backoff_base,
+                max: backoff_max,
+            },
+        })
+    }
+
+    /// The instance's ID.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Registers (or re-registers, replacing the definition) the instance.
+    pub async fn register(&self) -> Result<(), Error> {
+        self.client
+            .request(
+                Method::PUT,
+                "/v1/agent/service/register?replace-existing-checks=true",
+                Some(self.body.clone()),
+                CALL_TIMEOUT,
+            )
+            .await?
+            .success()
+            .map(drop)
+    }
+
+    /// Deregisters the instance; an instance the agent does not know is already gone.
+    pub async fn deregister(&self) -> Result<(), Error> {
+        let path = format!("/v1/agent/service/deregister/{}", encode(&self.id));
+        let rsp = self
+            .client
+            .request(Method::PUT, &path, None, CALL_TIMEOUT)
+            .await?;
+        if rsp.status == StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        rsp.success().map(drop)
+    }
+
+    /// Registers, then keeps the registration in place until the task is dropped.
+    pub async fn run(&self) {
+        let (id, service) = (&*self.id, &*self.name);
+        // At most one query a second sustained, whatever the agent does.
+        let mut bucket = TokenBucket::new(1.0, 3);
+        let mut registered = false;
+        let mut hash: Option<String> = None;
+        let mut failures = 0u32;
+        loop {
+            bucket.acquire().await;
+            if !registered {
+                match self.register().await {
+                    Ok(()) => {
+                        tracing::info!(service, id, agent = %self.client.settings().url(), "registered in Consul");
+                        registered = true;
+                        failures = 0;
+                        hash = None;
+                    }
+                    Err(error) => {
+                        failures = failures.saturating_add(1);
+                        let delay = self.backoff.delay(failures);
+                        tracing::warn!(service, id, %error, retry_in = ?delay, "cannot register in Consul");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+                continue;
+            }
+            let mut path = format!("/v1/agent/service/{}", encode(id));
+            let mut timeout = CALL_TIMEOUT;
+            if let Some(h) = &hash {
+                path.push_str(&format!(
+                    "?hash={}&wait={}",
+                    encode(h),
+                    go_duration(self.wait)
+                ));
+                timeout += self.wait + self.wait / 16;
+            }
+            match self.client.request(Method::GET, &path, None, timeout).await {
+                Ok(rsp) if rsp.status == StatusCode::NOT_FOUND => {
+                    tracing::warn!(service, id, "the Consul agent no longer has this instance (agent restarted?); registering again");
+                    registered = false;
+                }
+                Ok(rsp) if rsp.status.is_success() => {
+                    failures = 0;
+                    hash = rsp.header("x-consul-contenthash").map(str::to_string);
+                }
+                other => {
+                    let error = match other {
+                        Ok(rsp) => rsp.success().err(),
+                        Err(e) => Some(e),
+                    };
+                    failures = failures.saturating_add(1);
+                    let delay = self.backoff.delay(failures);
+                    if let Some(error) = error {
+                        if failures % 10 == 1 {
+                            tracing::warn!(service, id, %error, retry_in = ?delay, "cannot check the Consul registration");
+                        }
+                    }
+                    // Ask without the hash next time: after an outage, learn at once
+                    // whether the agent still has the instance.
+                    hash = None;
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Pacing of the request loops: a token bucket bounds the query rate, and failures back
+//! off exponentially with jitter.
+
+use rand::Rng;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A token bucket: up to `burst` requests at once, `rate` per second sustained. A loop
+/// whose queries return at once (an index that changes all the time, or a server that
+/// does not block) is held to the rate; a loop that blocks as intended never waits.
+#[derive(Debug)]
+pub(crate) struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub(crate) fn new(rate: f64, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            rate: rate.max(f64::MIN_POSITIVE),
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// How long until a token is available (zero when one is), taking it.
+    fn take(&mut self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            // The debt is paid by the refill during the wait.
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+
+    /// Waits for a token.
+    pub(crate) async fn acquire(&mut self) {
+        let wait = self.take(Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Exponential backoff with "equal jitter": the n-th consecutive failure waits between
+/// half and all of `min(max, base × 2^(n-1))`, so a fleet that lost its agent at the
+/// same moment does not come back in lockstep.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Backoff {
+    pub(crate) base: Duration,
+    pub(crate) max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn delay(&self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(30);
+        let ceiling = self.base.saturating_mul(1 << exp).min(self.max);
+        let half = ceiling / 2;
+        half + half.mul_f64(rand::rng().random::<f64>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_a_burst_then_holds_the_rate() {
+        let start = Instant::now();
+        let mut b = TokenBucket::new(10.0, 3);
+        for _ in 0..3 {
+            assert_eq!(b.take(start), Duration::ZERO);
+        }
+        // The fourth at once owes a tenth of a second, the fifth two tenths.
+        let w = b.take(start);
+        assert!((w.as_secs_f64() - 0.1).abs() < 1e-9, "{w:?}");
+        let w = b.take(start);
+        assert!((w.as_secs_f64() - 0.2).abs() < 1e-9, "{w:?}");
+        // After a long quiet time the bucket is full again, never fuller.
+        let later = start + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(b.take(later), Duration::ZERO);
+        }
+        assert!(b.take(later) > Duration::ZERO);
+    }
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        };
+        for (failures, ceiling) in [(1, 100), (2, 200), (3, 400), (7, 5000), (40, 5000)] {
+            let ceiling = Duration::from_millis(ceiling);
+            for _ in 0..50 {
+                let d = b.delay(failures);
+                assert!(d >= ceiling / 2 && d <= ceiling, "{failures}: {d:?}");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acquire_waits_only_when_over_the_rate() {
+        let mut b = TokenBucket::new(2.0, 1);
+        let t0 = Instant::now();
+        b.acquire().await;
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        b.acquire().await;
+        assert_eq!(t0.elapsed(), Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,241 @@
+//! Watching a service's healthy instances with blocking queries.
+//!
+//! One loop per routed service asks `GET /v1/health/service/<name>?passing` with the
+//! `index` of the previous answer and `wait`, so the agent answers when the instances
+//! change (or after `wait`). It follows the rules of Consul's "Blocking Queries"
+//! documentation:
+//!
+//! - the index comes from the last `X-Consul-Index`; if it goes backwards (a server
+//!   restored from a snapshot, a failover to a server that is behind) it is reset to 0,
+//!   a full read, instead of blocking on an index that may never be reached;
+//! - after the first read the index is at least 1: a query with index 0 never blocks,
+//!   and looping on it would hammer the servers;
+//! - the loop is rate-limited by a token bucket, so answers that come back at once (a
+//!   busy service, a proxy that does not block) cannot make it spin;
+//! - failures back off exponentially with jitter.
+//!
+//! Each answer replaces the service's snapshot in the [`Registry`]; the registry hands
+//! every balancer only the difference (insertions and removals by instance ID). When
+//! Consul cannot be reached or answers an error, nothing is published: the last known
+//! instances keep serving and the service is marked stale (its age shows in
+//! `/metrics`) until a query succeeds again.
+
+use super::{
+    api::ServiceEntry,
+    client::{encode, go_duration, Client, Error},
+    retry::{Backoff, TokenBucket},
+};
+use crate::{Instance, Registry};
+use http::Method;
+use std::{sync::Arc, time::Duration};
+
+/// Settings of the watches (`BATON_CONSUL_*`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WatchSettings {
+    /// How long the agent may hold a blocking query (Consul caps it at 10 minutes).
+    #[serde(with = "secs")]
+    pub wait: Duration,
+    /// Sustained queries per second per service.
+    pub rate: f64,
+    /// Queries that may go out at once before the rate applies.
+    pub burst: u32,
+    /// First retry delay after a failure.
+    #[serde(with = "secs")]
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    #[serde(with = "secs")]
+    pub backoff_max: Duration,
+}
+
+mod secs {
+    pub(super) fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        Self {
+            wait: Duration::from_secs(300),
+            rate: 10.0,
+            burst: 5,
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One answer of the health endpoint.
+#[derive(Debug)]
+pub struct Health {
+    /// The instances (with `passing`, only those whose checks all pass).
+    pub entries: Vec<ServiceEntry>,
+    /// `X-Consul-Index`.
+    pub index: Option<u64>,
+    /// Consul left out results the token may not read.
+    pub filtered_by_acl: bool,
+}
+
+/// `GET /v1/health/service/<service>?passing`, blocking while the index is `index`
+/// (when it is not 0) for up to `wait`.
+pub async fn health_service(
+    client: &Client,
+    service: &str,
+    index: u64,
+    wait: Duration,
+) -> Result<Health, Error> {
+    let mut path = format!("/v1/health/service/{}?passing", encode(service));
+    client.read_options(&mut path);
+    let mut timeout = Duration::from_secs(10);
+    if index > 0 {
+        path.push_str(&format!("&index={index}&wait={}", go_duration(wait)));
+        // The agent adds up to wait/16 of jitter to the wait.
+        timeout += wait + wait / 16;
+    }
+    let rsp = client
+        .request(Method::GET, &path, None, timeout)
+        .await?
+        .success()?;
+    Ok(Health {
+        entries: serde_json::from_slice(&rsp.body)?,
+        index: rsp.index(),
+        filtered_by_acl: rsp
+            .header("x-consul-results-filtered-by-acls")
+            .is_some_and(|v| v == "true"),
+    })
+}
+
+/// The index for the next query, after an answer carrying `returned` to a query that
+/// sent `sent`; `None` when the index went backwards and the loop starts over.
+pub fn next_index(sent: u64, returned: Option<u64>) -> Option<u64> {
+    let returned = returned.unwrap_or(0);
+    if returned < sent {
+        None
+    } else {
+        Some(returned.max(1))
+    }
+}
+
+/// The watch of one service.
+#[derive(Debug)]
+pub struct Watch {
+    client: Client,
+    service: Arc<str>,
+    registry: Registry,
+    settings: WatchSettings,
+}
+
+impl Watch {
+    /// A watch publishing `service`'s instances into `registry`.
+    pub fn new(
+        client: Client,
+        service: Arc<str>,
+        registry: Registry,
+        settings: WatchSettings,
+    ) -> Self {
+        Self {
+            client,
+            service,
+            registry,
+            settings,
+        }
+    }
+
+    /// Watches until the task is dropped.
+    pub async fn run(self) {
+        let mut bucket = TokenBucket::new(self.settings.rate, self.settings.burst);
+        let backoff = Backoff {
+            base: self.settings.backoff_base,
+            max: self.settings.backoff_max,
+        };
+        let service = &*self.service;
+        let mut index = 0u64;
+        let mut failures = 0u32;
+        let mut published: Option<usize> = None;
+        let mut acl_warned = false;
+        loop {
+            bucket.acquire().await;
+            match health_service(&self.client, service, index, self.settings.wait).await {
+                Ok(health) => {
+                    if failures > 0 {
+                        tracing::info!(service, failures, "Consul answers again; watching");
+                        failures = 0;
+                    }
+                    if health.filtered_by_acl && !acl_warned {
+                        acl_warned = true;
+                        tracing::warn!(service, "Consul hid instances this ACL token may not read (X-Consul-Results-Filtered-By-ACLs); grant it service:read");
+                    }
+                    let instances = self.instances(&health.entries);
+                    let count = instances.len();
+                    self.registry.publish(service, instances);
+                    if published != Some(count) {
+                        tracing::info!(service, instances = count, index = ?health.index, "Consul: instances updated");
+                        published = Some(count);
+                    }
+                    index = match next_index(index, health.index) {
+                        Some(i) => i,
+                        None => {
+                            tracing::warn!(
+                                service,
+                                sent = index,
+                                returned = ?health.index,
+                                "Consul's index went backwards; starting over with a full read"
+                            );
+                            0
+                        }
+                    };
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    self.registry.mark_stale(service);
+                    let delay = backoff.delay(failures);
+                    let kept = self.registry.instances(service).len();
+                    // The first failure, then every tenth, at warn: an outage is seen
+                    // without a line per retry.
+                    if failures % 10 == 1 {
+                        tracing::warn!(service, %error, failures, retry_in = ?delay, kept_instances = kept,
+                            "Consul query failed; serving the last known instances");
+                    } else {
+                        tracing::debug!(service, %error, failures, retry_in = ?delay, "Consul query failed");
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    fn instances(&self, entries: &[ServiceEntry]) -> Vec<Instance> {
+        entries
+            .iter()
+            .filter_map(|e| match e.to_instance() {
+                Ok(i) => Some(i),
+                Err(why) => {
+                    tracing::warn!(service = %self.service, instance = %e.key(), "skipping a Consul instance: {why}");
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_rules() {
+        // First read: whatever comes back, at least 1 so the next query blocks.
+        assert_eq!(next_index(0, Some(0)), Some(1));
+        assert_eq!(next_index(0, None), Some(1));
+        assert_eq!(next_index(0, Some(42)), Some(42));
+        // Unchanged after a wait timeout; forward on change.
+        assert_eq!(next_index(42, Some(42)), Some(42));
+        assert_eq!(next_index(42, Some(50)), Some(50));
+        // Backwards: reset.
+        assert_eq!(next_index(50, Some(7)), None);
+        assert_eq!(next_index(50, None), None);
+    }
+}
