@@ -453,4 +453,5 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or(0.0)
 }
+pub mod consul;
 pub mod netns;

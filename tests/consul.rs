@@ -1,0 +1,657 @@
+//! Consul discovery and registration, end to end: the real baton binary, real upstream
+//! servers, and a Consul HTTP API — the test fake (`support/consul.rs`), or a real agent
+//! when `CONSUL_HTTP_ADDR` is set (see tests/README.md). baton always reaches Consul
+//! through a relay the test controls, so outages and an index that goes backwards can be
+//! staged against either.
+
+mod support;
+
+use serde_json::json;
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+use support::{
+    consul::{unique_name, ConsulApi, ConsulRelay, ConsulUnderTest},
+    get, metric, try_get, upstream_of, Baton, Behaviour, Upstream,
+};
+
+/// A leaked name, for upstreams (their names are `&'static str`).
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// Registers `up` as an instance of `service` with a TTL check that starts passing.
+async fn register(api: &ConsulApi, service: &str, up: &Upstream, extra: serde_json::Value) {
+    let mut body = json!({
+        "ID": up.name,
+        "Name": service,
+        "Address": up.addr.ip().to_string(),
+        "Port": up.addr.port(),
+        "Check": {"TTL": "10m", "Status": "passing"},
+    });
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    api.register(body).await;
+}
+
+/// Starts baton discovering `service` in Consul through `relay`.
+async fn baton_for(
+    service: &str,
+    relay: &ConsulRelay,
+    consul: &ConsulUnderTest,
+    extra: &[(&str, &str)],
+) -> Baton {
+    let routes = format!("*={service}");
+    let url = relay.url();
+    let mut env = vec![
+        ("BATON_ROUTES", routes.as_str()),
+        ("BATON_DISCOVERY", "consul"),
+        ("BATON_LB", "rr"),
+        ("CONSUL_HTTP_ADDR", url.as_str()),
+        ("BATON_CONSUL_BACKOFF_MAX", "1s"),
+    ];
+    if let Some(t) = &consul.token {
+        env.push(("CONSUL_HTTP_TOKEN", t.as_str()));
+    }
+    env.extend_from_slice(extra);
+    Baton::start(&env).await
+}
+
+/// Polls GET / through baton until `pred` holds for the upstream names seen in a
+/// window of `n` requests (panics after 10 s with what was seen).
+async fn until_routed(baton: &Baton, n: usize, pred: impl Fn(&[String]) -> bool) -> Duration {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    while start.elapsed() < Duration::from_secs(10) {
+        seen.clear();
+        for _ in 0..n {
+            match try_get(baton.addr, "/", &[]).await {
+                Ok(got) if got.0 == 200 => seen.push(upstream_of(&got)),
+                Ok(got) => seen.push(format!("status {}", got.0.as_u16())),
+                Err(e) => seen.push(format!("error {e}")),
+            }
+        }
+        if pred(&seen) {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "routing never matched; last window {seen:?}\nlog:\n{}",
+        baton.log()
+    );
+}
+
+fn only(names: &[&str]) -> impl Fn(&[String]) -> bool {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    move |seen: &[String]| {
+        seen.iter().all(|s| names.contains(s)) && names.iter().all(|n| seen.contains(n))
+    }
+}
+
+#[tokio::test]
+async fn instances_appear_and_disappear_and_traffic_follows() {
+    let consul = ConsulUnderTest::start().await;
+    let api = consul.api();
+    let relay = ConsulRelay::start(&consul.agent_url).await;
+    let service = unique_name("appear");
+    let baton = baton_for(&service, &relay, &consul, &[]).await;
+
+    // Known to nobody yet: resolved (ready) but empty, so 503.
+    let (status, _, body) = get(baton.addr, "/").await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+
+    let a = Upstream::start(leak(unique_name("a")), Behaviour::default()).await;
+    let b = Upstream::start(
+        leak(unique_name("b")),
+        Behaviour {
+            delay: Duration::from_millis(0),
+            ..Default::default()
+        },
+    )
+    .await;
+    register(&api, &service, &a, json!({})).await;
+    until_routed(&baton, 4, only(&[a.name])).await;
+    register(&api, &service, &b, json!({})).await;
+    until_routed(&baton, 4, only(&[a.name, b.name])).await;
+
+    // A request in flight to `a` when it leaves still completes.
+    let slow = tokio::spawn({
+        let addr = baton.addr;
+        async move {
+            // rr alternates: one of the two goes to `a`, slowly.
+            let x = tokio::spawn(async move { try_get(addr, "/slow/700", &[]).await });
+            let y = try_get(addr, "/slow/700", &[]).await;
+            (x.await.unwrap(), y)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    api.deregister(a.name).await;
+    until_routed(&baton, 4, only(&[b.name])).await;
+    let (x, y) = slow.await.unwrap();
+    let mut served: Vec<String> = [x, y]
+        .into_iter()
+        .map(|r| {
+            let got = r.expect("in-flight request completes");
+            assert_eq!(got.0, 200);
+            upstream_of(&got)
+        })
+        .collect();
+    served.sort();
+    let mut expected = vec![a.name.to_string(), b.name.to_string()];
+    expected.sort();
+    assert_eq!(
+        served, expected,
+        "one slow request was on the removed instance"
+    );
+
+    api.deregister(b.name).await;
+    until_routed(&baton, 2, |seen| seen.iter().all(|s| s == "status 503")).await;
+    let m = baton.metrics().await;
+    assert_eq!(
+        metric(&m, &format!("baton_endpoints{{service=\"{service}\"}}")),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_check_turning_critical_removes_the_instance() {
+    let consul = ConsulUnderTest::start().await;
+    let api = consul.api();
+    let relay = ConsulRelay::start(&consul.agent_url).await;
+    let service = unique_name("critical");
+    let a = Upstream::start(leak(unique_name("a")), Behaviour::default()).await;
+    let b = Upstream::start(leak(unique_name("b")), Behaviour::default()).await;
+    register(&api, &service, &a, json!({})).await;
+    register(&api, &service, &b, json!({})).await;
+    let baton = baton_for(&service, &relay, &consul, &[]).await;
+    until_routed(&baton, 4, only(&[a.name, b.name])).await;
+
+    api.check(&format!("service:{}", a.name), "fail").await;
+    until_routed(&baton, 4, only(&[b.name])).await;
+    // Warning is not passing either.
+    api.check(&format!("service:{}", a.name), "warn").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_routed(&baton, 4, only(&[b.name])).await;
+    api.check(&format!("service:{}", a.name), "pass").await;
+    until_routed(&baton, 4, only(&[a.name, b.name])).await;
+    api.deregister(a.name).await;
+    api.deregister(b.name).await;
+}
+
+#[tokio::test]
+async fn metadata_and_weights_reach_the_balancer() {
+    let consul = ConsulUnderTest::start().await;
+    let api = consul.api();
+    let relay = ConsulRelay::start(&consul.agent_url).await;
+    let service = unique_name("weights");
+    let a = Upstream::start(leak(unique_name("a")), Behaviour::default()).await;
+    let b = Upstream::start(leak(unique_name("b")), Behaviour::default()).await;
+    register(
+        &api,
+        &service,
+        &a,
+        json!({"Weights": {"Passing": 3, "Warning": 1}}),
+    )
+    .await;
+    register(
+        &api,
+        &service,
+        &b,
+        json!({"Weights": {"Passing": 1, "Warning": 1}}),
+    )
+    .await;
+    let baton = baton_for(&service, &relay, &consul, &[]).await;
+    until_routed(&baton, 4, only(&[a.name, b.name])).await;
+    let (a0, b0) = (a.hits(), b.hits());
+    for _ in 0..400 {
+        let (status, _, _) = get(baton.addr, "/").await;
+        assert_eq!(status, 200);
+    }
+    let (da, db) = (a.hits() - a0, b.hits() - b0);
+    assert_eq!((da, db), (300, 100), "weighted round-robin 3:1");
+    api.deregister(a.name).await;
+    api.deregister(b.name).await;
+}
+
+#[tokio::test]
+async fn index_going_backwards_restarts_the_watch() {
+    let consul = ConsulUnderTest::start().await;
+    let api = consul.api();
+    let relay = ConsulRelay::start(&consul.agent_url).await;
+    let service = unique_name("reset");
+    let a = Upstream::start(leak(unique_name("a")), Behaviour::default()).await;
+    register(&api, &service, &a, json!({})).await;
+    let baton = baton_for(&service, &relay, &consul, &[]).await;
+    until_routed(&baton, 2, only(&[a.name])).await;
+
+    // From now on baton sees indexes far below the one it is blocking on.
+    let (index, _) = api.health(&service, true).await;
+    relay.clear_requests();
+    relay.set_index_shift(index - 1);
+    // Wake the blocking query with a change.
+    let b = Upstream::start(leak(unique_name("b")), Behaviour::default()).await;
+    register(&api, &service, &b, json!({})).await;
+    until_routed(&baton, 4, only(&[a.name, b.name])).await;
+    // The answer with the lower index made baton start over with a full read (no
+    // index), then block again on the new, lower index.
+    let health = until("a full read, then blocking again", async || {
+        let health: Vec<_> = relay
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.ends_with(&service))
+            .collect();
+        let reset = health
+            .iter()
+            .position(|r| !r.query.contains("index=") || r.query.contains("index=0"))?;
+        health[reset + 1..]
+            .iter()
+            .any(|r| r.query.contains("index="))
+            .then_some(health)
+    })
+    .await;
+    assert!(!health.is_empty());
+    assert!(
+        baton.log().contains("index went backwards"),
+        "{}",
+        baton.log()
+    );
+
+    // Still watching: a later change arrives.
+    api.deregister(a.name).await;
+    until_routed(&baton, 4, only(&[b.name])).await;
+    // And the loop did not spin.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let n = relay
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with(&service))
+        .count();
+    assert!(
+        n < 15,
+        "{n} health queries in a few seconds: the watch spins"
+    );
+    api.deregister(b.name).await;
+}
+
+/// Sends requests through baton from `clients` tasks until `stop`; returns the number
+/// of requests and the failures (anything but 200).
+fn load(
+    baton: &Baton,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
+    let addr = baton.addr;
+    tokio::spawn(async move {
+        let total = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| {
+                let (stop, total) = (stop.clone(), total.clone());
+                tokio::spawn(async move {
+                    let client = support::http1_client();
+                    let mut failures = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let req = http::Request::get(format!("http://{addr}/"))
+                            .body(http_body_util::Full::new(bytes::Bytes::new()))
+                            .unwrap();
+                        match support::send(&client, req).await {
+                            Ok(got) if got.0 == 200 => {}
+                            Ok(got) => failures.push(format!("status {}", got.0.as_u16())),
+                            Err(e) => failures.push(e),
+                        }
+                        total.fetch_add(1, Ordering::Relaxed);
+                    }
+                    failures
+                })
+            })
+            .collect();
+        let mut failures = Vec::new();
+        for t in tasks {
+            failures.extend(t.await.unwrap());
+        }
+        (total.load(Ordering::Relaxed), failures)
+    })
+}
+
+#[tokio::test]
+async fn consul_down_for_ten_seconds_under_load_fails_nothing() {
+    let consul = ConsulUnderTest::start().await;
+    let api = consul.api();
+    let relay = ConsulRelay::start(&consul.agent_url).await;
+    let service = unique_name("outage");
+    let a = Upstream::start(leak(unique_name("a")), Behaviour::default()).await;
+    let b = Upstream::start(leak(unique_name("b")), Behaviour::default()).await;
+    register(&api, &service, &a, json!({})).await;
+    register(&api, &service, &b, json!({})).await;
+    let baton = baton_for(&service, &relay, &consul, &[]).await;
+    until_routed(&baton, 4, only(&[a.name, b.name])).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = load(&baton, 4, stop.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    relay.cut();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let during = baton.metrics().await;
+    let stale = metric(
+        &during,
+        &format!("baton_discovery_stale_seconds{{service=\"{service}\"}}"),
+    );
+    assert!(
+        stale > 0.0,
+        "the service is marked stale while Consul is down:\n{during}"
+    );
+    assert_eq!(
+        metric(
+            &during,
+            &format!("baton_endpoints{{service=\"{service}\"}}")
+        ),
+        2.0
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    relay.restore().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (total, failures) = running.await.unwrap();
+    assert!(total > 100, "only {total} requests under load");
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+
+    // Watching again: a change made after the outage arrives, and staleness clears.
+    let c = Upstream::start(leak(unique_name("c")), Behaviour::default()).await;
+    register(&api, &service, &c, json!({})).await;
+    until_routed(&baton, 6, only(&[a.name, b.name, c.name])).await;
+    let after = baton.metrics().await;
+    assert_eq!(
+        metric(
+            &after,
+            &format!("baton_discovery_stale_seconds{{service=\"{service}\"}}")
+        ),
+        0.0
+    );
+    assert!(
+        baton.log().contains("serving the last known instances"),
+        "{}",
+        baton.log()
+    );
+    for up in [&a, &b, &c] {
+        api.deregister(up.name).await;
+    }
+}
+
+#[tokio::test]
+async fn churn_under_load_fails_no_request() {
+    let consul = ConsulUnderTest::start().await;
+    let api = consul.api();
+    let relay = ConsulRelay::start(&consul.agent_url).await;
+    let service = unique_name("churn");
+    let a = Upstream::start(leak(unique_name("a")), Behaviour::default()).await;
+    let b = Upstream::start(leak(unique_name("b")), Behaviour::default()).await;
+    // The churning instance is healthy while registered: every request it gets must
+    // succeed too, including those in flight when it leaves.
+    let c = Upstream::start(leak(unique_name("c")), Behaviour::default()).await;
+    register(&api, &service, &a, json!({})).await;
+    register(&api, &service, &b, json!({})).await;
+    let baton = baton_for(&service, &relay, &consul, &[("BATON_LB", "p2c")]).await;
+    until_routed(&baton, 8, |seen| {
+        seen.iter().all(|s| s == a.name || s == b.name)
+    })
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = load(&baton, 4, stop.clone());
+    let start = Instant::now();
+    let mut changes = 0;
+    while start.elapsed() < Duration::from_secs(20) {
+        register(&api, &service, &c, json!({})).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        api.deregister(c.name).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        changes += 2;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (total, failures) = running.await.unwrap();
+    assert!(changes >= 100, "only {changes} changes");
+    assert!(total > 500, "only {total} requests under load");
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        c.hits() > 0,
+        "the churning instance was discovered at least once"
+    );
+    until_routed(&baton, 8, |seen| {
+        seen.iter().all(|s| s == a.name || s == b.name)
+    })
+    .await;
+    api.deregister(a.name).await;
+    api.deregister(b.name).await;
+}
+
+#[tokio::test]
+async fn the_acl_token_goes_in_x_consul_token() {
+    let consul = ConsulUnderTest::start().await;
+    let token = match (&consul.fake, &consul.token) {
+        (Some(fake), _) => {
+            fake.require_token("baton-test-token");
+            "baton-test-token".to_string()
+        }
+        (None, Some(t)) => t.clone(),
+        // A real agent without ACLs: nothing to check.
+        (None, None) => return,
+    };
+    let api = ConsulApi::new(&consul.agent_url, Some(token.clone()));
+    let relay = ConsulRelay::start(&consul.agent_url).await;
+    let service = unique_name("acl");
+    let a = Upstream::start(leak(unique_name("a")), Behaviour::default()).await;
+    register(&api, &service, &a, json!({})).await;
+    let routes = format!("*={service}");
+    let url = relay.url();
+    let baton = Baton::start(&[
+        ("BATON_ROUTES", routes.as_str()),
+        ("BATON_DISCOVERY", "consul"),
+        ("CONSUL_HTTP_ADDR", url.as_str()),
+        ("CONSUL_HTTP_TOKEN", token.as_str()),
+    ])
+    .await;
+    until_routed(&baton, 2, only(&[a.name])).await;
+    let requests = relay.requests();
+    assert!(!requests.is_empty());
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.token.as_deref() == Some(token.as_str())),
+        "every request carries the token: {requests:?}"
+    );
+    assert!(!baton.log().contains(&token), "the token is never logged");
+    let (_, _, config) = get(baton.admin, "/config").await;
+    assert!(
+        !String::from_utf8_lossy(&config).contains(&token),
+        "nor shown"
+    );
+
+    if consul.fake.is_some() {
+        // A wrong token: Consul refuses, baton says so and never becomes ready.
+        let other = Baton::spawn(&[
+            ("BATON_ROUTES", routes.as_str()),
+            ("BATON_DISCOVERY", "consul"),
+            ("CONSUL_HTTP_ADDR", url.as_str()),
+            ("CONSUL_HTTP_TOKEN", "wrong"),
+        ]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (status, _, body) = get(other.admin, "/ready").await;
+        assert_eq!(status, 503);
+        assert!(String::from_utf8_lossy(&body).contains("waiting for discovery"));
+        assert!(other.log().contains("403"), "{}", other.log());
+    }
+    api.deregister(a.name).await;
+}
+
+/// Env for a baton that registers itself as `service` (its own inbound port).
+/// It routes everything to a statically defined `peer`.
+fn registering(
+    service: &str,
+    peer: &Upstream,
+    relay: &ConsulRelay,
+    consul: &ConsulUnderTest,
+) -> Vec<(String, String)> {
+    let inbound = support::free_addr();
+    let mut env = vec![
+        ("BATON_INBOUND_ADDR".to_string(), inbound.to_string()),
+        ("BATON_ROUTES".into(), "*=peer".into()),
+        (
+            "BATON_STATIC_SERVICES".into(),
+            format!("peer={}", peer.addr),
+        ),
+        ("BATON_SERVICE_NAME".into(), service.to_string()),
+        ("BATON_SERVICE_PORT".into(), inbound.port().to_string()),
+        ("BATON_SERVICE_ADDRESS".into(), "127.0.0.1".into()),
+        ("BATON_SERVICE_ID".into(), format!("{service}-1")),
+        ("BATON_SERVICE_TAGS".into(), "blue,canary".into()),
+        ("BATON_SERVICE_META".into(), "team=storage".into()),
+        ("BATON_SERVICE_CHECK_INTERVAL".into(), "200ms".into()),
+        ("BATON_CONSUL_BACKOFF_MAX".into(), "1s".into()),
+        ("CONSUL_HTTP_ADDR".into(), relay.url()),
+    ];
+    if let Some(t) = &consul.token {
+        env.push(("CONSUL_HTTP_TOKEN".into(), t.clone()));
+    }
+    env
+}
+
+async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn registers_on_start_and_deregisters_before_draining() {
+    let consul = ConsulUnderTest::start().await;
+    let api = consul.api();
+    let relay = ConsulRelay::start(&consul.agent_url).await;
+    let service = unique_name("reg");
+    let peer = Upstream::start(leak(unique_name("peer")), Behaviour::default()).await;
+    let env = registering(&service, &peer, &relay, &consul);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut baton = Baton::start(&env).await;
+    let id = format!("{service}-1");
+
+    let registered = until("the registration", async || api.agent_service(&id).await).await;
+    assert_eq!(registered["Service"], service.as_str());
+    assert_eq!(registered["Port"], baton.addr.port());
+    assert_eq!(registered["Address"], "127.0.0.1");
+    assert_eq!(registered["Meta"]["team"], "storage");
+    assert_eq!(
+        registered["Meta"]["baton-version"],
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(
+        registered["Meta"].get("baton-handoff-port").is_none(),
+        "no handoff, no port"
+    );
+    let mut tags: Vec<_> = registered["Tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    tags.sort();
+    assert_eq!(tags, ["blue", "canary"]);
+    // The agent's HTTP check of /ready passes: the instance becomes healthy.
+    until("a passing check", async || {
+        let (_, healthy) = api.health(&service, true).await;
+        (healthy.len() == 1).then_some(())
+    })
+    .await;
+
+    // SIGTERM with a request in flight: the instance leaves Consul while that request
+    // is still being served, and baton exits 0 after it completes.
+    let addr = baton.addr;
+    let in_flight = tokio::spawn(async move { try_get(addr, "/slow/2000", &[]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    baton.signal("TERM");
+    until("the deregistration", async || {
+        api.agent_service(&id).await.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        !in_flight.is_finished(),
+        "deregistered while the request is still in flight"
+    );
+    let got = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!(got.0, 200);
+    let status = baton.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}\n{}", baton.log());
+    let log = baton.log();
+    let dereg = log.find("deregistered from Consul").expect("logged");
+    let drained = log.find("all connections drained").expect("drained");
+    assert!(
+        dereg < drained,
+        "deregistration comes before the drain:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn registers_again_when_the_agent_loses_it() {
+    let consul = ConsulUnderTest::start().await;
+    let api = consul.api();
+    let relay = ConsulRelay::start(&consul.agent_url).await;
+    let service = unique_name("rereg");
+    let peer = Upstream::start(leak(unique_name("peer")), Behaviour::default()).await;
+    let env = registering(&service, &peer, &relay, &consul);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let _baton = Baton::start(&env).await;
+    let id = format!("{service}-1");
+    until("the registration", async || api.agent_service(&id).await).await;
+
+    // Someone (or an agent that restarted without its state) removes it.
+    api.deregister(&id).await;
+    until("the re-registration", async || api.agent_service(&id).await).await;
+    if let Some(fake) = &consul.fake {
+        fake.forget_agent();
+        assert!(api.agent_service(&id).await.is_none());
+        until("the re-registration after an agent restart", async || {
+            api.agent_service(&id).await
+        })
+        .await;
+    }
+    // Idle, the registration costs blocking queries only, not polling (after the
+    // re-registrations settle: the loop is rate-limited to one request a second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    relay.clear_requests();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let polls = relay
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains(&id))
+        .count();
+    assert!(
+        polls <= 1,
+        "{polls} requests in 2 s for an idle registration: {:?}",
+        relay.requests()
+    );
+    api.deregister(&id).await;
+}
