@@ -94,17 +94,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     state.listening.store(true, Ordering::Release);
     tracing::info!(inbound = %inbound_addr, admin = %admin_addr, mode = ?config.inbound_mode, "listening");
-    let registration = registrar
-        .clone()
-        .map(|r| tokio::spawn(async move { r.run().await }));
+    let (registration_stop, stop_rx) = watch::channel(false);
+    let registration = registrar.clone().map(|r| {
+        let stop = stop_rx.clone();
+        tokio::spawn(async move { r.run(stop).await })
+    });
 
     let signal = shutdown_signal(reload).await?;
     tracing::info!(signal, grace = ?config.shutdown_grace, "shutting down: no longer ready, draining connections");
-    if let (Some(task), Some(registrar)) = (registration, registrar) {
+    if let (Some(mut task), Some(registrar)) = (registration, registrar) {
         // Leave Consul first, so peers stop choosing this instance while it still
         // serves what they already sent; a check on /ready would notice only later.
-        task.abort();
-        // Bounded: an unreachable agent must not hold up the drain.
+        // The registration loop ends first (finishing a registration already sent,
+        // which must not land after the deregistration). All bounded: an unreachable
+        // agent must not hold up the drain.
+        let _ = registration_stop.send(true);
+        if tokio::time::timeout(DEREGISTER_TIMEOUT, &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
         let deregistered = tokio::time::timeout(DEREGISTER_TIMEOUT, registrar.deregister())
             .await
             .unwrap_or(Err(consul::Error::Timeout(DEREGISTER_TIMEOUT)));
@@ -113,6 +123,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Err(error) => {
                 tracing::warn!(id = registrar.id(), %error, "cannot deregister from Consul; its check on /ready fails while draining, and DeregisterCriticalServiceAfter removes the instance")
             }
+        }
+        state.draining.store(true, Ordering::Release);
+        if let Some(delay) = config.registration.as_ref().map(|r| r.deregister_delay) {
+            // Peers learn of the removal through their own watches; until then they
+            // may still open connections, which are accepted and served.
+            tracing::info!(?delay, "accepting until peers have seen the deregistration");
+            tokio::time::sleep(delay).await;
         }
     }
     state.draining.store(true, Ordering::Release);

@@ -130,6 +130,8 @@ vars! {
     BATON_SERVICE_CHECK_TIMEOUT = DEFAULT_SERVICE_CHECK_TIMEOUT: "2s";
     /// The agent removes the instance after its check has been critical this long.
     BATON_SERVICE_DEREGISTER_AFTER = DEFAULT_SERVICE_DEREGISTER_AFTER: "1m";
+    /// On shutdown, how long baton keeps accepting after deregistering, before draining.
+    BATON_SERVICE_DEREGISTER_DELAY = DEFAULT_SERVICE_DEREGISTER_DELAY: "2s";
     /// Static services, `NAME=IP:PORT[@HANDOFF],...;...`.
     BATON_STATIC_SERVICES = DEFAULT_STATIC_SERVICES: "";
     /// A file with static services, re-read on change and SIGHUP.
@@ -360,6 +362,9 @@ pub struct RegistrationSettings {
     /// Deregistration after critical.
     #[serde(serialize_with = "duration")]
     pub deregister_after: Duration,
+    /// Time between deregistering and draining on shutdown.
+    #[serde(serialize_with = "duration")]
+    pub deregister_delay: Duration,
 }
 
 /// Connection handoff settings (`BATON_HANDOFF=on`).
@@ -794,7 +799,10 @@ fn registration_settings<S: Strings>(
         BATON_SERVICE_CHECK_INTERVAL,
         DEFAULT_SERVICE_CHECK_INTERVAL,
         |s| match positive_duration(s)? {
-            d if d < Duration::from_millis(100) => Err("expected at least 100ms".into()),
+            // Consul's minimum check interval.
+            d if d < Duration::from_secs(1) => {
+                Err("expected at least 1s (Consul's minimum)".into())
+            }
             d => Ok(d),
         },
     );
@@ -807,8 +815,18 @@ fn registration_settings<S: Strings>(
         BATON_SERVICE_DEREGISTER_AFTER,
         DEFAULT_SERVICE_DEREGISTER_AFTER,
         |s| match positive_duration(s)? {
-            // Consul's minimum: its reaper runs every 30 seconds anyway.
-            d if d < Duration::from_secs(1) => Err("expected at least 1s".into()),
+            // Consul raises anything shorter to one minute (its reaper runs every 30s).
+            d if d < Duration::from_secs(60) => {
+                Err("expected at least 1m (Consul's minimum)".into())
+            }
+            d => Ok(d),
+        },
+    );
+    let deregister_delay = p.var(
+        BATON_SERVICE_DEREGISTER_DELAY,
+        DEFAULT_SERVICE_DEREGISTER_DELAY,
+        |s| match parse_duration(s)? {
+            d if d > Duration::from_secs(300) => Err("expected at most 5m".into()),
             d => Ok(d),
         },
     );
@@ -844,6 +862,7 @@ fn registration_settings<S: Strings>(
         check_interval: check_interval?,
         check_timeout: check_timeout?,
         deregister_after: deregister_after?,
+        deregister_delay: deregister_delay?,
     }))
 }
 

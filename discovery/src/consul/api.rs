@@ -123,7 +123,8 @@ impl ServiceEntry {
     }
 
     /// The instance as balancers see it: `Service.Address`, else `Node.Address`; the
-    /// port; the handoff port from the metadata; the weight for its health.
+    /// port; the handoff port from the metadata; `Weights.Passing` (baton asks for
+    /// passing instances only, so `Weights.Warning` never applies).
     ///
     /// An entry baton cannot send to (a host name instead of an IP, no port) is an
     /// error saying why; the caller skips it.
@@ -149,20 +150,11 @@ impl ServiceEntry {
                     .ok_or_else(|| format!("meta {META_HANDOFF_PORT}={p:?} is not a port"))?,
             ),
         };
-        let warning = self
-            .checks
-            .iter()
-            .any(|c| c.status == "warning" && c.service_id == self.service.id);
-        let weight = if warning {
-            self.service.weights.warning
-        } else {
-            self.service.weights.passing
-        };
         Ok(Instance {
             id: Arc::from(self.key()),
             addr: SocketAddr::new(ip, port),
             handoff_port,
-            weight: weight.max(1),
+            weight: self.service.weights.passing.max(1),
         })
     }
 }
@@ -317,17 +309,6 @@ mod tests {
         assert_eq!(i.handoff_port, Some(15010));
         assert_eq!(i.weight, 1);
         assert!(e.checks.is_empty() && e.service.tags.is_empty());
-    }
-
-    #[test]
-    fn warning_weight_applies_to_an_instance_with_a_warning_check() {
-        let e = entry(serde_json::json!({
-            "Node": {"Node": "n1", "Address": "10.0.0.7"},
-            "Service": {"ID": "web-1", "Service": "web", "Port": 80,
-                        "Weights": {"Passing": 5, "Warning": 2}},
-            "Checks": [{"CheckID": "service:web-1", "Status": "warning", "ServiceID": "web-1"}]
-        }));
-        assert_eq!(e.to_instance().unwrap().weight, 2);
     }
 
     #[test]

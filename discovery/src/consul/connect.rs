@@ -46,6 +46,8 @@ impl Connector {
             c.enforce_http(false);
             c.set_nodelay(true);
             c.set_connect_timeout(Some(connect_timeout));
+            // A blocking query idles for minutes: notice a dead peer before `wait` ends.
+            c.set_keepalive(Some(Duration::from_secs(30)));
             c
         };
         match (&settings.addr, &settings.tls) {

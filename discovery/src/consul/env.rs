@@ -202,7 +202,12 @@ pub fn from_env(get: &dyn Fn(&str) -> Option<String>) -> Result<ClientSettings, 
     let (https, addr) = match parse_addr(&raw_addr) {
         Ok((scheme_https, addr)) => (scheme_https || ssl, Some(addr)),
         Err(e) => {
-            fail(CONSUL_HTTP_ADDR, &raw_addr, e);
+            // Never echo a password someone put in the URL.
+            let shown = match raw_addr.split_once('@') {
+                Some((_, host)) => format!("<redacted>@{host}"),
+                None => raw_addr.clone(),
+            };
+            fail(CONSUL_HTTP_ADDR, &shown, e);
             (ssl, None)
         }
     };
@@ -308,17 +313,37 @@ fn parse_addr(raw: &str) -> Result<(bool, Address), String> {
         _ => return Err(format!("unknown scheme {scheme:?}; {EXPECTED}")),
     };
     let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() => (h, p),
-        _ => return Err(EXPECTED.into()),
+    // `[v6]:port`, `host:port`, or, with a scheme, a host alone (the scheme's port).
+    let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+        let (host, after) = bracketed.split_once(']').ok_or(EXPECTED)?;
+        match after.strip_prefix(':') {
+            Some(p) => (host, Some(p)),
+            None if after.is_empty() => (host, None),
+            None => return Err(EXPECTED.into()),
+        }
+    } else {
+        match rest.split_once(':') {
+            // More than one colon: an IPv6 address without brackets.
+            Some((_, p)) if p.contains(':') => {
+                return Err(format!(
+                    "put an IPv6 address in brackets, e.g. [::1]:8500; {EXPECTED}"
+                ))
+            }
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = port
-        .parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| EXPECTED.to_string())?;
-    if host.contains(['/', '?', '#', '@', ' ']) {
+    let port = match (port, scheme) {
+        (Some(p), _) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| EXPECTED.to_string())?,
+        (None, "https") => 443,
+        (None, "http") => 80,
+        (None, _) => return Err(EXPECTED.into()),
+    };
+    if host.is_empty() || host.contains(['/', '?', '#', '@', ' ', '[', ']']) {
         return Err(EXPECTED.into());
     }
     Ok((
@@ -340,9 +365,15 @@ fn tls_config(
     verify: bool,
     fail: &mut dyn FnMut(&'static str, &str, String),
 ) -> Option<ClientConfig> {
-    let builder = ClientConfig::builder_with_provider(provider())
+    let builder = match ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .ok()?;
+    {
+        Ok(b) => b,
+        Err(e) => {
+            fail(CONSUL_HTTP_SSL, "", format!("cannot set up TLS: {e}"));
+            return None;
+        }
+    };
     let mut ok = true;
     let builder = if verify {
         let mut roots = RootCertStore::empty();
@@ -413,6 +444,15 @@ fn tls_config(
         if !custom {
             let native = rustls_native_certs::load_native_certs();
             roots.add_parsable_certificates(native.certs);
+            if roots.is_empty() {
+                // A slim image without a CA bundle: every handshake would fail later.
+                fail(
+                    CONSUL_CACERT,
+                    "",
+                    "HTTPS needs CA certificates and the system has none: set CONSUL_CACERT (or CONSUL_CAPATH)".into(),
+                );
+                ok = false;
+            }
         }
         builder.with_root_certificates(roots)
     } else {
@@ -571,6 +611,9 @@ mod tests {
         assert_eq!(s.url(), "unix:///run/consul/http.sock");
         let s = parse(&[(CONSUL_HTTP_ADDR, "[::1]:8500")]).unwrap();
         assert_eq!(s.url(), "http://[::1]:8500");
+        // A scheme without a port means the scheme's port.
+        let s = parse(&[(CONSUL_HTTP_ADDR, "http://consul.service")]).unwrap();
+        assert_eq!(s.url(), "http://consul.service:80");
         // https:// or CONSUL_HTTP_SSL=true means TLS, verified against system roots.
         let s = parse(&[(CONSUL_HTTP_ADDR, "https://10.0.0.1:8501")]).unwrap();
         assert!(s.tls.as_ref().is_some_and(|t| t.verify));
@@ -602,7 +645,18 @@ mod tests {
             names,
             [CONSUL_HTTP_SSL, CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN_FILE]
         );
-        for bad in ["nohost", "host:0", "host:99999", ":8500", "unix://"] {
+        let errors = parse(&[(CONSUL_HTTP_ADDR, "ftp://admin:hunter2@consul")]).unwrap_err();
+        assert!(!errors[0].value.contains("hunter2"), "{errors:?}");
+        for bad in [
+            "nohost",
+            "host:0",
+            "host:99999",
+            ":8500",
+            "unix://",
+            "::1",
+            "[::1]",
+            "fe80::1:8500",
+        ] {
             assert!(
                 parse(&[(CONSUL_HTTP_ADDR, bad)]).is_err(),
                 "{bad} should be refused"

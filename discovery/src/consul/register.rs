@@ -4,9 +4,9 @@
 //! registration with a blocking query on `GET /v1/agent/service/<id>` (by content
 //! hash): idle, that is one request per `wait`. When the agent answers 404 (it was
 //! restarted without its state, or someone deregistered the instance) it registers
-//! again. [`Registrar::deregister`] removes the instance; the application calls it on
-//! shutdown *before* draining, so peers stop choosing this instance while it still
-//! serves.
+//! again. [`Registrar::deregister`] removes the instance; the application stops the
+//! loop and calls it on shutdown *before* draining, so peers stop choosing this
+//! instance while it still serves.
 
 use super::{
     api::Registration,
@@ -16,6 +16,7 @@ use super::{
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// Keeps one service instance registered.
 #[derive(Debug)]
@@ -85,8 +86,11 @@ impl Registrar {
         rsp.success().map(drop)
     }
 
-    /// Registers, then keeps the registration in place until the task is dropped.
-    pub async fn run(&self) {
+    /// Registers, then keeps the registration in place until `stop` turns true (or its
+    /// sender is dropped). A registration request that went out is always finished
+    /// before returning: dropped mid-flight, it could reach the agent after the
+    /// deregistration that follows a stop and bring the instance back.
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) {
         let (id, service) = (&*self.id, &*self.name);
         // At most one query a second sustained, whatever the agent does.
         let mut bucket = TokenBucket::new(1.0, 3);
@@ -94,7 +98,11 @@ impl Registrar {
         let mut hash: Option<String> = None;
         let mut failures = 0u32;
         loop {
-            bucket.acquire().await;
+            tokio::select! {
+                biased;
+                _ = stopped(&mut stop) => return,
+                _ = bucket.acquire() => {}
+            }
             if !registered {
                 match self.register().await {
                     Ok(()) => {
@@ -106,8 +114,12 @@ impl Registrar {
                     Err(error) => {
                         failures = failures.saturating_add(1);
                         let delay = self.backoff.delay(failures);
-                        tracing::warn!(service, id, %error, retry_in = ?delay, "cannot register in Consul");
-                        tokio::time::sleep(delay).await;
+                        if failures % 10 == 1 {
+                            tracing::warn!(service, id, %error, failures, retry_in = ?delay, "cannot register in Consul");
+                        }
+                        if pause(&mut stop, delay).await {
+                            return;
+                        }
                     }
                 }
                 continue;
@@ -122,7 +134,12 @@ impl Registrar {
                 ));
                 timeout += self.wait + self.wait / 16;
             }
-            match self.client.request(Method::GET, &path, None, timeout).await {
+            let answer = tokio::select! {
+                biased;
+                _ = stopped(&mut stop) => return,
+                a = self.client.request(Method::GET, &path, None, timeout) => a,
+            };
+            match answer {
                 Ok(rsp) if rsp.status == StatusCode::NOT_FOUND => {
                     tracing::warn!(service, id, "the Consul agent no longer has this instance (agent restarted?); registering again");
                     registered = false;
@@ -130,6 +147,10 @@ impl Registrar {
                 Ok(rsp) if rsp.status.is_success() => {
                     failures = 0;
                     hash = rsp.header("x-consul-contenthash").map(str::to_string);
+                    // An agent that cannot block on the hash is polled, gently.
+                    if hash.is_none() && pause(&mut stop, NO_HASH_POLL).await {
+                        return;
+                    }
                 }
                 other => {
                     let error = match other {
@@ -146,9 +167,28 @@ impl Registrar {
                     // Ask without the hash next time: after an outage, learn at once
                     // whether the agent still has the instance.
                     hash = None;
-                    tokio::time::sleep(delay).await;
+                    if pause(&mut stop, delay).await {
+                        return;
+                    }
                 }
             }
         }
+    }
+}
+
+/// How often the registration is read when the agent gives no content hash to block on.
+const NO_HASH_POLL: Duration = Duration::from_secs(10);
+
+/// Resolves once `stop` is true or its sender is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Sleeps `d` unless stopped first; true when stopped.
+async fn pause(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        biased;
+        _ = stopped(stop) => true,
+        _ = tokio::time::sleep(d) => false,
     }
 }

@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{Instance, Registry};
 use http::Method;
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 /// Settings of the watches (`BATON_CONSUL_*`).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -71,8 +71,9 @@ impl Default for WatchSettings {
 /// One answer of the health endpoint.
 #[derive(Debug)]
 pub struct Health {
-    /// The instances (with `passing`, only those whose checks all pass).
-    pub entries: Vec<ServiceEntry>,
+    /// The instances (with `passing`, only those whose checks all pass); an entry that
+    /// does not decode comes with its JSON and the reason.
+    pub entries: Vec<Result<ServiceEntry, (serde_json::Value, serde_json::Error)>>,
     /// `X-Consul-Index`.
     pub index: Option<u64>,
     /// Consul left out results the token may not read.
@@ -99,9 +100,23 @@ pub async fn health_service(
         .request(Method::GET, &path, None, timeout)
         .await?
         .success()?;
+    // Without the index the loop could not block: something between baton and Consul
+    // strips headers. Treated as a failure (backoff), not as an index going backwards.
+    let index = rsp.index().ok_or_else(|| Error::Status {
+        status: rsp.status,
+        body: "the answer has no valid X-Consul-Index header (a proxy in between dropping it?)"
+            .into(),
+    })?;
+    // Entry by entry: one malformed instance must not hide the others.
+    let entries: Option<Vec<serde_json::Value>> = serde_json::from_slice(&rsp.body)?;
+    let entries = entries
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| serde_json::from_value::<ServiceEntry>(e.clone()).map_err(|err| (e, err)))
+        .collect();
     Ok(Health {
-        entries: serde_json::from_slice(&rsp.body)?,
-        index: rsp.index(),
+        entries,
+        index: Some(index),
         filtered_by_acl: rsp
             .header("x-consul-results-filtered-by-acls")
             .is_some_and(|v| v == "true"),
@@ -156,6 +171,7 @@ impl Watch {
         let mut failures = 0u32;
         let mut published: Option<usize> = None;
         let mut acl_warned = false;
+        let mut skipped = HashSet::new();
         loop {
             bucket.acquire().await;
             match health_service(&self.client, service, index, self.settings.wait).await {
@@ -168,7 +184,7 @@ impl Watch {
                         acl_warned = true;
                         tracing::warn!(service, "Consul hid instances this ACL token may not read (X-Consul-Results-Filtered-By-ACLs); grant it service:read");
                     }
-                    let instances = self.instances(&health.entries);
+                    let instances = self.instances(&health.entries, &mut skipped);
                     let count = instances.len();
                     self.registry.publish(service, instances);
                     if published != Some(count) {
@@ -189,6 +205,11 @@ impl Watch {
                     };
                 }
                 Err(error) => {
+                    // After a failure the first query is a full read: blocking on the
+                    // old index would leave the service stale until `wait` ends if
+                    // nothing changed, and never see changes if Consul came back with
+                    // a lower index (a restore, a rebuilt cluster).
+                    index = 0;
                     failures = failures.saturating_add(1);
                     self.registry.mark_stale(service);
                     let delay = backoff.delay(failures);
@@ -207,17 +228,42 @@ impl Watch {
         }
     }
 
-    fn instances(&self, entries: &[ServiceEntry]) -> Vec<Instance> {
-        entries
+    /// The usable instances; each unusable one is logged at warn the first time it is
+    /// seen (answers repeat the whole list), then at debug.
+    fn instances(
+        &self,
+        entries: &[Result<ServiceEntry, (serde_json::Value, serde_json::Error)>],
+        skipped: &mut HashSet<String>,
+    ) -> Vec<Instance> {
+        let mut now_skipped = HashSet::new();
+        let instances = entries
             .iter()
-            .filter_map(|e| match e.to_instance() {
-                Ok(i) => Some(i),
-                Err(why) => {
-                    tracing::warn!(service = %self.service, instance = %e.key(), "skipping a Consul instance: {why}");
-                    None
+            .filter_map(|e| {
+                let (key, why) = match e {
+                    Ok(e) => match e.to_instance() {
+                        Ok(i) => return Some(i),
+                        Err(why) => (e.key(), why),
+                    },
+                    Err((json, err)) => (
+                        format!(
+                            "{}/{}",
+                            json["Node"]["Node"].as_str().unwrap_or("?"),
+                            json["Service"]["ID"].as_str().unwrap_or("?")
+                        ),
+                        format!("cannot decode it: {err}"),
+                    ),
+                };
+                if skipped.contains(&key) {
+                    tracing::debug!(service = %self.service, instance = %key, "skipping a Consul instance: {why}");
+                } else {
+                    tracing::warn!(service = %self.service, instance = %key, "skipping a Consul instance: {why}");
                 }
+                now_skipped.insert(key);
+                None
             })
-            .collect()
+            .collect();
+        *skipped = now_skipped;
+        instances
     }
 }
 
