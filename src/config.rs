@@ -14,7 +14,7 @@ use baton_layers::{
     balance::HttpHashKey,
     handoff::wire::Key,
     route::{self, Match},
-    target::{Lb, Logical, Protocol, UpstreamProtocol},
+    target::{Lb, Logical, Protocol, UpstreamProtocol, LOCAL},
 };
 use ipnet::Ipv4Net;
 use serde::{Serialize, Serializer};
@@ -132,6 +132,9 @@ vars! {
     BATON_SERVICE_DEREGISTER_AFTER = DEFAULT_SERVICE_DEREGISTER_AFTER: "1m";
     /// On shutdown, how long baton keeps accepting after deregistering, before draining.
     BATON_SERVICE_DEREGISTER_DELAY = DEFAULT_SERVICE_DEREGISTER_DELAY: "2s";
+    /// The local application's address for the route target `local` (the port is the
+    /// original destination's).
+    BATON_LOCAL_IP = DEFAULT_LOCAL_IP: "127.0.0.1";
     /// Static services, `NAME=IP:PORT[@HANDOFF],...;...`.
     BATON_STATIC_SERVICES = DEFAULT_STATIC_SERVICES: "";
     /// A file with static services, re-read on change and SIGHUP.
@@ -172,6 +175,10 @@ vars! {
     BATON_WORKERS = DEFAULT_WORKERS: "";
     /// How long shutdown waits for in-flight requests.
     BATON_SHUTDOWN_GRACE = DEFAULT_SHUTDOWN_GRACE: "30s";
+    /// `baton init`: original-destination ports captured (empty: all).
+    BATON_CAPTURE_PORTS = DEFAULT_CAPTURE_PORTS: "";
+    /// `baton init`: ports never captured (baton's own ports always are not).
+    BATON_CAPTURE_EXCLUDE_PORTS = DEFAULT_CAPTURE_EXCLUDE_PORTS: "";
     /// Connection handoff: `off` or `on`.
     BATON_HANDOFF = DEFAULT_HANDOFF: "off";
     /// Services whose requests may be handed off, `a,b` (empty: all).
@@ -264,6 +271,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Discovery source.
     pub discovery: DiscoveryKind,
+    /// The local application's address (route target `local`).
+    pub local_ip: IpAddr,
     /// Static services from the environment.
     pub static_services: ServiceMap,
     /// Static service file.
@@ -659,6 +668,78 @@ fn handoff_settings<S: Strings>(
     }))
 }
 
+/// What `baton init` captures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// baton's inbound listener (where captured connections go).
+    pub inbound: SocketAddr,
+    /// Captured ports (`None`: all).
+    pub ports: Option<Vec<u16>>,
+    /// Ports never captured: the configured ones plus baton's own (inbound, admin,
+    /// handoff receiver), sorted.
+    pub exclude: Vec<u16>,
+}
+
+fn port_list(s: &str) -> Result<Vec<u16>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{p:?}: expected a comma-separated list of ports"))
+        })
+        .collect()
+}
+
+impl CaptureConfig {
+    /// Parses what `baton init` needs (nothing else is required of its environment).
+    pub fn from_strings(strings: &impl Strings) -> Result<Self, ConfigError> {
+        let mut p = Parser {
+            strings,
+            errors: Vec::new(),
+        };
+        let addr = parse_from::<SocketAddr>("expected IP:PORT, e.g. 0.0.0.0:15006");
+        let inbound = p.var(BATON_INBOUND_ADDR, DEFAULT_INBOUND_ADDR, &addr);
+        let admin = p.var(BATON_ADMIN_ADDR, DEFAULT_ADMIN_ADDR, &addr);
+        let handoff = p.var(BATON_HANDOFF_ADDR, DEFAULT_HANDOFF_ADDR, &addr);
+        let ports = p.var(BATON_CAPTURE_PORTS, DEFAULT_CAPTURE_PORTS, port_list);
+        let exclude = p.var(
+            BATON_CAPTURE_EXCLUDE_PORTS,
+            DEFAULT_CAPTURE_EXCLUDE_PORTS,
+            port_list,
+        );
+        if let Some(SocketAddr::V6(_)) = inbound {
+            let value = p.raw(BATON_INBOUND_ADDR).unwrap_or_default();
+            p.fail(
+                BATON_INBOUND_ADDR,
+                &value,
+                "baton init captures IPv4 only: expected an IPv4 address",
+            );
+        }
+        if !p.errors.is_empty() {
+            return Err(ConfigError(p.errors));
+        }
+        let missing = || ConfigError(Vec::new());
+        let (inbound, admin, handoff) = (
+            inbound.ok_or_else(missing)?,
+            admin.ok_or_else(missing)?,
+            handoff.ok_or_else(missing)?,
+        );
+        let mut exclude = exclude.ok_or_else(missing)?;
+        exclude.extend([inbound.port(), admin.port(), handoff.port()]);
+        exclude.sort_unstable();
+        exclude.dedup();
+        let ports = ports.ok_or_else(missing)?;
+        Ok(Self {
+            inbound,
+            ports: (!ports.is_empty()).then_some(ports),
+            exclude,
+        })
+    }
+}
+
 /// Parses the `BATON_CONSUL_*` variables (always, so mistakes show even when unused).
 fn consul_watch_settings<S: Strings>(
     p: &mut Parser<'_, S>,
@@ -961,18 +1042,7 @@ impl Config {
             DEFAULT_DETECT_TIMEOUT,
             positive_duration,
         );
-        let opaque_ports = p.var(BATON_OPAQUE_PORTS, DEFAULT_OPAQUE_PORTS, |s| {
-            s.split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    p.parse::<u16>()
-                        .ok()
-                        .filter(|p| *p != 0)
-                        .ok_or_else(|| format!("{p:?}: expected a comma-separated list of ports"))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        });
+        let opaque_ports = p.var(BATON_OPAQUE_PORTS, DEFAULT_OPAQUE_PORTS, port_list);
         let max_header_bytes = p.var(BATON_MAX_HEADER_BYTES, DEFAULT_MAX_HEADER_BYTES, |s| {
             s.parse::<usize>()
                 .ok()
@@ -995,10 +1065,26 @@ impl Config {
         });
         let consul_watch = consul_watch_settings(&mut p);
         let registration = registration_settings(&mut p);
+        let local_ip = p.var(
+            BATON_LOCAL_IP,
+            DEFAULT_LOCAL_IP,
+            parse_from::<IpAddr>("expected an IP address, e.g. 127.0.0.1"),
+        );
         let static_services = p.var(BATON_STATIC_SERVICES, DEFAULT_STATIC_SERVICES, |s| {
             static_source::parse(s)
                 .map_err(|e| format!("{e}; expected NAME=IP:PORT[@HANDOFF_PORT],...;NAME=..."))
         });
+        if static_services
+            .as_ref()
+            .is_some_and(|s| s.contains_key(LOCAL))
+        {
+            let value = p.raw(BATON_STATIC_SERVICES).unwrap_or_default();
+            p.fail(
+                BATON_STATIC_SERVICES,
+                &value,
+                "\"local\" is the reserved route target for the local application; name the service otherwise",
+            );
+        }
         let static_file = p.raw(BATON_STATIC_FILE).map(PathBuf::from);
         let static_file_services = match &static_file {
             None => ServiceMap::new(),
@@ -1163,6 +1249,7 @@ impl Config {
                         protocol: Protocol::Http,
                         lb: lbo.get(service).copied().unwrap_or(lb),
                         upstream: upo.get(service).copied().unwrap_or(up),
+                        dst_port: None,
                     },
                 });
             }
@@ -1173,6 +1260,7 @@ impl Config {
             let mut missing: Vec<&str> = routes
                 .iter()
                 .map(|(_, s)| s.as_str())
+                .filter(|s| *s != LOCAL)
                 .filter(|s| !services.contains_key(*s) && !static_file_services.contains_key(*s))
                 .collect();
             missing.dedup();
@@ -1205,6 +1293,7 @@ impl Config {
             idle_park: idle_park.ok_or_else(missing)?,
             routes: route_configs,
             discovery: discovery.ok_or_else(missing)?,
+            local_ip: local_ip.ok_or_else(missing)?,
             static_services: static_services.ok_or_else(missing)?,
             static_file,
             static_file_services,
@@ -1228,11 +1317,13 @@ impl Config {
         })
     }
 
-    /// The distinct logical services the routes select.
+    /// The distinct logical services the routes select, that discovery provides (the
+    /// reserved target `local` needs none).
     pub fn routed_services(&self) -> Vec<Arc<str>> {
         let mut names: Vec<Arc<str>> = self
             .routes
             .iter()
+            .filter(|r| !r.logical.is_local())
             .map(|r| r.logical.service.clone())
             .collect();
         names.sort();

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod demo;
+pub mod init;
 pub mod listen;
 pub mod serve;
 pub mod stack;

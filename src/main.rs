@@ -15,14 +15,16 @@ pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muz
 use baton::{
     app,
     config::{Config, ConfigError, Env, LogFormat, Overlay, Strings},
-    demo,
+    demo, init,
 };
 use std::process::ExitCode;
 use tracing_subscriber::{fmt, EnvFilter};
 
-const USAGE: &str = "usage: baton [demo | version | help]
+const USAGE: &str = "usage: baton [demo | init [--dry-run | --cleanup] | version | help]
 
   baton          run the sidecar, configured by BATON_* environment variables
+  baton init     install the TPROXY capture rules of this network namespace
+                 (--dry-run: print them; --cleanup: remove them)
   baton demo     run the sidecar in front of two demo upstreams on 127.0.0.1
                  (then: curl http://127.0.0.1:15006/)
   baton version  print the version
@@ -45,6 +47,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        ["init"] => init::main(&Env, init::Action::Install),
+        ["init", "--dry-run"] => init::main(&Env, init::Action::DryRun),
+        ["init", "--cleanup"] => init::main(&Env, init::Action::Cleanup),
         ["version" | "--version" | "-V"] => {
             println!("baton {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

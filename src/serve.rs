@@ -33,6 +33,7 @@ use baton_layers::{
     metrics::Metrics,
     new_service::NewService,
     proxy::tcp::{self, ForwardMetrics, OpaqueRequest},
+    route::RouteTarget,
     target::{Accept, ClientInfo},
     Error,
 };
@@ -221,6 +222,7 @@ impl Server {
             tracing::info!("no route for opaque connection; closing");
             return Ok(());
         };
+        let logical = logical.for_port(accept.orig_dst.port());
         let svc = self.stacks.opaque.new_service(logical.clone());
         let mut upstream = match svc
             .oneshot(OpaqueRequest {

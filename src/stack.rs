@@ -19,7 +19,7 @@
 //! ```
 
 use crate::config::Config;
-use baton_discovery::{Registry, Resolution};
+use baton_discovery::{Instance, Registry, Resolution};
 use baton_layers::{
     balance::{EwmaConfig, HashKey, NewBalance},
     body::Body,
@@ -39,13 +39,16 @@ use baton_layers::{
     },
     retry::ConnectRetry,
     route::{Router, Routes},
-    target::{Endpoint, Logical, Protocol},
+    target::{Endpoint, Logical, Protocol, LOCAL},
     trace::TraceLayer,
     Error,
 };
 use futures_util::TryStreamExt;
 use http::{Request, Response};
-use std::sync::Arc;
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 use tokio::net::TcpStream;
 use tower::{
     buffer::Buffer, discover::Change, retry::RetryLayer, util::BoxCloneSyncService, Layer, Service,
@@ -232,7 +235,13 @@ where
     K: HashKey<Req>,
 {
     let registry = registry.clone();
-    let resolve = move |logical: &Logical| endpoints(&registry, logical);
+    let (local_ip, inbound_port) = (cfg.local_ip, cfg.inbound_addr.port());
+    let resolve = move |logical: &Logical| {
+        if let (true, Some(port)) = (logical.is_local(), logical.dst_port) {
+            publish_local(&registry, local_ip, port, inbound_port);
+        }
+        endpoints(&registry, logical)
+    };
     let ewma = EwmaConfig {
         default_rtt: cfg.ewma_default_rtt,
         decay: cfg.ewma_decay,
@@ -250,11 +259,39 @@ pub type Endpoints = futures_util::stream::MapOk<
     >,
 >;
 
+/// The registry name of the local application on `port` (route target `local`).
+fn local_name(port: u16) -> String {
+    format!("{LOCAL}:{port}")
+}
+
+/// Publishes the local application on `port` (`local_ip:port`) as service `local:PORT`,
+/// so `local` targets resolve like any other and show in `/metrics`. The inbound
+/// listener's own port gets no endpoint (503): connecting there would be a loop.
+fn publish_local(registry: &Registry, local_ip: IpAddr, port: u16, inbound_port: u16) {
+    let name = local_name(port);
+    if registry.is_resolved(&name) {
+        return;
+    }
+    if port == inbound_port {
+        tracing::warn!(
+            port,
+            "route target local for baton's own inbound port: no endpoint (it would loop)"
+        );
+        registry.publish(&name, []);
+    } else {
+        registry.publish(&name, [Instance::new(SocketAddr::new(local_ip, port))]);
+    }
+}
+
 /// Resolves `logical` in `registry`, as endpoint targets.
 pub fn endpoints(registry: &Registry, logical: &Logical) -> Endpoints {
     let logical = logical.clone();
+    let name = match (logical.is_local(), logical.dst_port) {
+        (true, Some(port)) => local_name(port),
+        _ => logical.service.to_string(),
+    };
     registry
-        .resolve(&logical.service)
+        .resolve(&name)
         .map_ok(Box::new(move |change| match change {
             Change::Insert(id, i) => Change::Insert(
                 id.clone(),

@@ -65,9 +65,9 @@ fn tproxy_listener_sees_the_original_destination() {
     };
     let dir = std::env::temp_dir().join(format!("baton-tproxy-{}", std::process::id()));
     start_app(&bed, &dir);
-    // The capture recipe (as `baton init` will install it): packets of accepted
-    // transparent flows are marked and delivered; new TCP flows except baton's own
-    // ports go to the transparent listener.
+    // The capture recipe written by hand (`baton init` installs its own version, see
+    // tests/capture.rs): packets of accepted transparent flows are marked and
+    // delivered; new TCP flows except baton's own ports go to the transparent listener.
     bed.nft(
         "pod",
         "table inet capture {

@@ -122,6 +122,19 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
+/// A route target. Most are the same whatever the connection; the reserved `local`
+/// target (see [`Logical::for_port`](crate::target::Logical::for_port)) is bound to the
+/// original destination port.
+pub trait RouteTarget: Clone {
+    /// The target for a request or connection whose original destination port is
+    /// `port`.
+    fn for_port(&self, _port: u16) -> Self {
+        self.clone()
+    }
+}
+
+impl RouteTarget for String {}
+
 /// An ordered route table mapping matches to targets (logical services).
 #[derive(Clone, Debug)]
 pub struct Routes<L> {
@@ -212,7 +225,7 @@ impl<L, N> Router<L, N> {
 
 impl<L, N, S> Service<Request<Body>> for Router<L, N>
 where
-    L: Clone,
+    L: RouteTarget,
     N: NewService<L, Service = S>,
     S: Service<Request<Body>, Response = Response<Body>, Error = Error>,
 {
@@ -241,7 +254,7 @@ where
         let host = request_host(&req);
         match self.routes.route_http(port, host, req.uri().path()) {
             Some(target) => {
-                let svc = self.new_logical.new_service(target.clone());
+                let svc = self.new_logical.new_service(target.for_port(port));
                 RouteFuture::Routed {
                     inner: Oneshot::new(svc, req),
                 }

@@ -120,6 +120,33 @@ pub struct Logical {
     pub lb: Lb,
     /// The HTTP version to speak upstream.
     pub upstream: UpstreamProtocol,
+    /// For the reserved target [`LOCAL`]: the original destination port, which is the
+    /// local application's port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_port: Option<u16>,
+}
+
+/// The reserved route target "the local application at the original destination
+/// port" (`BATON_ROUTES='*=local'`): an inbound sidecar needs no discovery at all.
+pub const LOCAL: &str = "local";
+
+impl Logical {
+    /// Whether this is the reserved target [`LOCAL`].
+    pub fn is_local(&self) -> bool {
+        &*self.service == LOCAL
+    }
+}
+
+impl crate::route::RouteTarget for Logical {
+    /// `local` is bound to the port; every other target is unchanged. (One logical
+    /// stack per local port, cached like any other service.)
+    fn for_port(&self, port: u16) -> Self {
+        let mut l = self.clone();
+        if l.is_local() {
+            l.dst_port = Some(port);
+        }
+        l
+    }
 }
 
 impl fmt::Display for Logical {

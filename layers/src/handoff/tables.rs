@@ -39,7 +39,9 @@ add rule netdev {TABLE} ingress ip protocol tcp {flow} @restored meta mark set m
     )
 }
 
-fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+/// Runs `cmd args` (with `stdin` fed to it), returning its output, or an error naming
+/// the command and what it printed. For one-time setup only, never per request.
+pub fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
     let mut child = Command::new(cmd)
         .args(args)
         .stdin(if stdin.is_some() {

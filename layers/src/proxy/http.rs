@@ -340,6 +340,7 @@ mod tests {
             protocol: Protocol::Http,
             lb: Lb::P2c,
             upstream,
+            dst_port: None,
         };
         NewHttpProxy::new(ClientConfig::default()).new_service(Endpoint {
             logical,

@@ -1,0 +1,249 @@
+//! `baton init`: the kernel rules that capture a pod's inbound TCP for baton (TPROXY).
+//!
+//! Run once per pod, by an init container with CAP_NET_ADMIN, before the app and baton
+//! start. It installs, idempotently:
+//!
+//! - the nftables table `inet baton_capture`, one prerouting chain (mangle priority):
+//!   traffic arriving on `lo` is never captured (baton's own connections to the app go
+//!   over loopback, so nothing loops); packets of flows baton already accepted (its
+//!   transparent sockets) are marked for local delivery and skip everything else; then
+//!   TCP to the pod's own addresses (`fib daddr type local`) on the captured ports,
+//!   minus the excluded ones and baton's own (inbound, admin, handoff), goes to baton's
+//!   inbound listener with `tproxy` and the mark;
+//! - policy routing for the mark: `ip rule fwmark MARK lookup TABLE` and a `local`
+//!   default route in that table, which delivers the marked packets to the local
+//!   socket.
+//!
+//! Mark, table and rule priority are distinct from the handoff's (`netdev baton`, mark
+//! 0x10000, table/priority 15010), so both coexist. Re-running replaces the table in
+//! one nft transaction and leaves an existing rule alone; `--cleanup` removes exactly
+//! the table, the rule and the route; `--dry-run` prints all of it. IPv4 only.
+
+use crate::config::{CaptureConfig, ConfigError, Strings};
+use baton_layers::handoff::tables::run;
+use std::{fmt::Write, process::ExitCode};
+
+/// The nftables table (family `inet`).
+pub const TABLE: &str = "baton_capture";
+/// The packet mark of captured flows (a bit of its own).
+pub const MARK: u32 = 0x20000;
+/// The routing table delivering marked packets locally, and the rule's priority.
+pub const ROUTE_TABLE: u32 = 15006;
+
+/// What `baton init` was asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Install (or re-install) the rules.
+    Install,
+    /// Print them.
+    DryRun,
+    /// Remove them.
+    Cleanup,
+}
+
+/// The nftables script: atomically replaces the table (creating it first so the delete
+/// cannot fail).
+pub fn ruleset(c: &CaptureConfig) -> String {
+    let ports = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+    let target = if c.inbound.ip().is_unspecified() {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        c.inbound.ip()
+    };
+    let mut only = String::new();
+    if let Some(p) = &c.ports {
+        let _ = writeln!(only, "\t\ttcp dport != {{ {} }} return", ports(p));
+    }
+    format!(
+        "table inet {TABLE} {{}}
+delete table inet {TABLE}
+table inet {TABLE} {{
+\tchain prerouting {{
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\t# baton's own connections to the app (and all local traffic) arrive on lo
+\t\tiifname \"lo\" return
+\t\tmeta nfproto != ipv4 return
+\t\tmeta l4proto != tcp return
+\t\t# flows baton already accepted: deliver to its socket
+\t\tsocket transparent 1 meta mark set meta mark | {MARK:#x} accept
+\t\ttcp dport {{ {exclude} }} return
+{only}\t\tfib daddr type != local return
+\t\tmeta l4proto tcp tproxy ip to {target}:{port} meta mark set meta mark | {MARK:#x} accept
+\t}}
+}}
+",
+        exclude = ports(&c.exclude),
+        port = c.inbound.port(),
+    )
+}
+
+fn rule_args() -> Vec<String> {
+    [
+        "-4",
+        "rule",
+        "add",
+        "fwmark",
+        &format!("{MARK:#x}/{MARK:#x}"),
+        "lookup",
+        &ROUTE_TABLE.to_string(),
+        "pref",
+        &ROUTE_TABLE.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn route_args() -> Vec<String> {
+    [
+        "-4",
+        "route",
+        "replace",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        &ROUTE_TABLE.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn ip(args: &[String]) -> Result<String, String> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run("ip", &args, None)
+}
+
+fn rule_present() -> Result<bool, String> {
+    let pref = ROUTE_TABLE.to_string();
+    Ok(
+        !ip(&["-4", "rule", "show", "pref", &pref].map(String::from))?
+            .trim()
+            .is_empty(),
+    )
+}
+
+/// Installs the capture rules (idempotent).
+pub fn install(c: &CaptureConfig) -> Result<(), String> {
+    run("nft", &["-f", "-"], Some(&ruleset(c)))?;
+    if !rule_present()? {
+        ip(&rule_args())?;
+    }
+    ip(&route_args())?;
+    Ok(())
+}
+
+/// Removes exactly what [`install`] adds (whatever of it is there).
+pub fn cleanup() -> Result<(), String> {
+    if run("nft", &["list", "table", "inet", TABLE], None).is_ok() {
+        run("nft", &["delete", "table", "inet", TABLE], None)?;
+    }
+    let pref = ROUTE_TABLE.to_string();
+    while rule_present()? {
+        ip(&["-4", "rule", "del", "pref", &pref].map(String::from))?;
+    }
+    let table = ROUTE_TABLE.to_string();
+    let routes =
+        ip(&["-4", "route", "show", "table", &table].map(String::from)).unwrap_or_default();
+    if !routes.trim().is_empty() {
+        ip(&["-4", "route", "flush", "table", &table].map(String::from))?;
+    }
+    Ok(())
+}
+
+/// Everything `install` does, as text.
+pub fn describe(c: &CaptureConfig) -> String {
+    format!(
+        "# nft -f - <<'EOF'\n{}# EOF\nip {}   # unless a rule with this priority exists\nip {}\n",
+        ruleset(c),
+        rule_args().join(" "),
+        route_args().join(" ")
+    )
+}
+
+/// `baton init [--dry-run | --cleanup]`: exit 0 when done, 2 for bad configuration,
+/// 1 when the kernel refused.
+pub fn main(strings: &impl Strings, action: Action) -> ExitCode {
+    let config = match CaptureConfig::from_strings(strings) {
+        Ok(c) => c,
+        Err(ConfigError(errors)) => {
+            eprintln!("baton init: invalid configuration:");
+            for e in &errors {
+                eprintln!("  {}={:?}: {}", e.name, e.value, e.expected);
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let result = match action {
+        Action::DryRun => {
+            print!("{}", describe(&config));
+            return ExitCode::SUCCESS;
+        }
+        Action::Install => install(&config).map(|()| {
+            format!(
+                "baton init: capturing TCP to this host's addresses on {} (excluding {:?}) to {}",
+                config
+                    .ports
+                    .as_ref()
+                    .map_or("all ports".to_string(), |p| format!("ports {p:?}")),
+                config.exclude,
+                config.inbound
+            )
+        }),
+        Action::Cleanup => cleanup().map(|()| "baton init: capture rules removed".to_string()),
+    };
+    match result {
+        Ok(done) => {
+            eprintln!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("baton init: {e} (it needs CAP_NET_ADMIN, and the nft and ip tools)");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> CaptureConfig {
+        let map: HashMap<&str, &str> = vars.iter().copied().collect();
+        CaptureConfig::from_strings(&map).unwrap()
+    }
+
+    #[test]
+    fn the_ruleset_excludes_batons_ports_and_captures_local_tcp() {
+        let c = config(&[("BATON_CAPTURE_EXCLUDE_PORTS", "22,9090")]);
+        assert_eq!(c.exclude, [22, 9090, 15006, 15010, 15021]);
+        let r = ruleset(&c);
+        assert!(
+            r.contains("tcp dport { 22, 9090, 15006, 15010, 15021 } return"),
+            "{r}"
+        );
+        assert!(r.contains("tproxy ip to 127.0.0.1:15006"), "{r}");
+        assert!(r.contains("iifname \"lo\" return"));
+        assert!(r.contains("fib daddr type != local return"));
+        assert!(!r.contains("tcp dport != {"), "all ports by default");
+        // The transparent-socket rule comes before any port decision.
+        assert!(r.find("socket transparent").unwrap() < r.find("tcp dport {").unwrap());
+
+        let c = config(&[
+            ("BATON_CAPTURE_PORTS", "8080,8443"),
+            ("BATON_INBOUND_ADDR", "10.1.2.3:16000"),
+        ]);
+        let r = ruleset(&c);
+        assert!(r.contains("tcp dport != { 8080, 8443 } return"), "{r}");
+        assert!(r.contains("tproxy ip to 10.1.2.3:16000"), "{r}");
+        assert!(describe(&c).contains("fwmark 0x20000/0x20000 lookup 15006 pref 15006"));
+    }
+
+    #[test]
+    fn bad_ports_are_configuration_errors() {
+        let map: HashMap<&str, &str> = [("BATON_CAPTURE_PORTS", "80,http")].into();
+        let err = CaptureConfig::from_strings(&map).unwrap_err();
+        assert_eq!(err.0[0].name, "BATON_CAPTURE_PORTS");
+    }
+}
