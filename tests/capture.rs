@@ -266,3 +266,47 @@ fn a_restart_under_load_finishes_every_accepted_request() {
     assert_eq!(status, 200);
     assert_eq!(captured(&bed), 1);
 }
+
+#[test]
+fn capture_and_handoff_tables_coexist() {
+    let Some(bed) = Testbed::new(&["client", "pod"]) else {
+        return;
+    };
+    start_app(&bed);
+    init(&bed, &[]);
+    let key = std::env::temp_dir().join(format!("baton-capture-key-{}", std::process::id()));
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    let key_path = key.to_str().unwrap();
+    start_baton(
+        &bed,
+        &[
+            ("BATON_HANDOFF", "on"),
+            ("BATON_HANDOFF_KEY_FILE", key_path),
+            ("BATON_HANDOFF_INTERFACE", "eth0"),
+        ],
+    );
+    let metrics = bed.must("pod", &["curl", "-s", "http://127.0.0.1:15021/metrics"]);
+    assert!(
+        metrics.lines().any(|l| l == "baton_handoff_enabled 1"),
+        "handoff runs beside the capture:\n{metrics}"
+    );
+    let state = kernel_state(&bed);
+    assert!(state.contains("table netdev baton"), "{state}");
+    assert!(state.contains("table inet baton_capture"), "{state}");
+
+    // Captured traffic still flows, and the handoff receiver's port is not captured.
+    let pod = bed.ip("pod");
+    let (status, body) = bed.curl("client", &format!("http://{pod}:8080/x"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(captured(&bed), 1);
+    let printed = init(&bed, &["--dry-run"]);
+    assert!(printed.contains("15010"), "{printed}");
+
+    // Cleanup removes the capture only.
+    init(&bed, &["--cleanup"]);
+    let state = kernel_state(&bed);
+    assert!(!state.contains("baton_capture"), "{state}");
+    assert!(state.contains("table netdev baton"), "{state}");
+    assert!(state.contains("lookup 15010"), "{state}");
+    let _ = std::fs::remove_file(&key);
+}
