@@ -1,5 +1,6 @@
-//! The admin server: `/live`, `/ready`, `/metrics`, `/config`.
+//! The admin server: `/live`, `/ready`, `/metrics`, `/config`, and `POST /drain`.
 
+use crate::leave::Leave;
 use baton_discovery::Registry;
 use baton_layers::metrics::{self, Metrics};
 use bytes::Bytes;
@@ -10,6 +11,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::{
     convert::Infallible,
     fmt::Write,
+    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -39,6 +41,31 @@ pub struct Admin {
     pub registry: Registry,
     /// Services that must be resolved before ready.
     pub routed: Vec<Arc<str>>,
+    /// Leaving the fleet (`POST /drain`).
+    pub leave: Arc<Leave>,
+}
+
+/// `POST /drain` from `peer`: leave (deregister from Consul, stop being ready) and
+/// keep serving until SIGTERM. Only from this host (a `preStop` hook in the pod):
+/// anyone who can reach the admin port must not be able to take the instance out.
+async fn drain(admin: &Admin, method: &Method, peer: SocketAddr) -> Response<Full<Bytes>> {
+    if method != Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into());
+    }
+    if !peer.ip().is_loopback() {
+        tracing::warn!(%peer, "refused POST /drain from outside this host");
+        return text(
+            StatusCode::FORBIDDEN,
+            "POST /drain is accepted from loopback only\n".into(),
+        );
+    }
+    if admin.leave.leave().await {
+        tracing::info!("POST /drain: left; serving until SIGTERM");
+    }
+    text(
+        StatusCode::OK,
+        "draining: deregistered and not ready; serving until SIGTERM\n".into(),
+    )
 }
 
 impl Admin {
@@ -159,7 +186,7 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /live, /ready, /metrics, /config\n".into(),
+                "not found: try /live, /ready, /metrics, /config, POST /drain\n".into(),
             ),
         }
     }
@@ -179,7 +206,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 /// answering during the drain, so `/ready` can say "draining").
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(a) => a,
                 Err(error) => {
@@ -192,9 +219,16 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Re
         };
         let admin = admin.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let rsp = admin.handle(&req);
-                async move { Ok::<_, Infallible>(rsp) }
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let admin = admin.clone();
+                async move {
+                    let rsp = if req.uri().path() == "/drain" {
+                        drain(&admin, req.method(), peer).await
+                    } else {
+                        admin.handle(&req)
+                    };
+                    Ok::<_, Infallible>(rsp)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

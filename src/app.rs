@@ -3,6 +3,7 @@
 use crate::{
     admin::{self, Admin, State},
     config::{Config, DiscoveryKind, HandoffSettings},
+    leave::Leave,
     listen,
     serve::{ServeConfig, Server},
     stack,
@@ -50,7 +51,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin_addr = admin_listener.local_addr()?;
 
     let state = Arc::new(State::default());
+    let leave = Arc::new(Leave::new(state.clone()));
     let admin = Arc::new(Admin {
+        leave: leave.clone(),
         state: state.clone(),
         config_json: serde_json::to_vec_pretty(&config.to_json())?.into(),
         metrics: metrics.clone(),
@@ -94,40 +97,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     state.listening.store(true, Ordering::Release);
     tracing::info!(inbound = %inbound_addr, admin = %admin_addr, mode = ?config.inbound_mode, "listening");
-    let (registration_stop, stop_rx) = watch::channel(false);
-    let registration = registrar.clone().map(|r| {
-        let stop = stop_rx.clone();
-        tokio::spawn(async move { r.run(stop).await })
-    });
+    if let Some(registrar) = registrar {
+        leave.register(registrar);
+    }
 
     let signal = shutdown_signal(reload).await?;
     tracing::info!(signal, grace = ?config.shutdown_grace, "shutting down: no longer ready, draining connections");
-    if let (Some(mut task), Some(registrar)) = (registration, registrar) {
-        // Leave Consul first, so peers stop choosing this instance while it still
-        // serves what they already sent; a check on /ready would notice only later.
-        // The registration loop ends first (finishing a registration already sent,
-        // which must not land after the deregistration). All bounded: an unreachable
-        // agent must not hold up the drain.
-        let _ = registration_stop.send(true);
-        if tokio::time::timeout(DEREGISTER_TIMEOUT, &mut task)
-            .await
-            .is_err()
-        {
-            task.abort();
-        }
-        let deregistered = tokio::time::timeout(DEREGISTER_TIMEOUT, registrar.deregister())
-            .await
-            .unwrap_or(Err(consul::Error::Timeout(DEREGISTER_TIMEOUT)));
-        match deregistered {
-            Ok(()) => tracing::info!(id = registrar.id(), "deregistered from Consul"),
-            Err(error) => {
-                tracing::warn!(id = registrar.id(), %error, "cannot deregister from Consul; its check on /ready fails while draining, and DeregisterCriticalServiceAfter removes the instance")
-            }
-        }
-        state.draining.store(true, Ordering::Release);
+    // Leave Consul first (unless POST /drain already did), so peers stop choosing this
+    // instance while it still serves what they send; a check on /ready would notice
+    // only later. Peers learn of the removal through their own watches: until then
+    // they may still connect, and are accepted and served.
+    if leave.leave().await {
         if let Some(delay) = config.registration.as_ref().map(|r| r.deregister_delay) {
-            // Peers learn of the removal through their own watches; until then they
-            // may still open connections, which are accepted and served.
             tracing::info!(?delay, "accepting until peers have seen the deregistration");
             tokio::time::sleep(delay).await;
         }
@@ -248,9 +229,6 @@ async fn start_handoff(
     );
     Ok(Some(handoff))
 }
-
-/// How long shutdown waits for Consul to confirm the deregistration.
-const DEREGISTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The least time a flow stays held (frozen) before the kernel lets its packets
 /// through again.

@@ -11,6 +11,7 @@ pub mod app;
 pub mod config;
 pub mod demo;
 pub mod init;
+pub mod leave;
 pub mod listen;
 pub mod serve;
 pub mod stack;

@@ -660,3 +660,59 @@ async fn registers_again_when_the_agent_loses_it() {
     );
     api.deregister(&id).await;
 }
+
+#[tokio::test]
+async fn post_drain_leaves_consul_and_keeps_serving_until_sigterm() {
+    let consul = ConsulUnderTest::start().await;
+    let api = consul.api();
+    let relay = ConsulRelay::start(&consul.agent_url).await;
+    let service = unique_name("drain");
+    let peer = Upstream::start(leak(unique_name("peer")), Behaviour::default()).await;
+    let env = registering(&service, &peer, &relay, &consul);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut baton = Baton::start(&env).await;
+    let id = format!("{service}-1");
+    until("the registration", async || api.agent_service(&id).await).await;
+
+    let (status, _, _) = get(baton.admin, "/drain").await;
+    assert_eq!(status, 405, "GET does not drain");
+    assert!(api.agent_service(&id).await.is_some());
+
+    // What an application's preStop hook does.
+    let post = |path: &'static str| {
+        let admin = baton.admin;
+        async move {
+            let req = http::Request::post(format!("http://{admin}{path}"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            support::send(&support::http1_client(), req).await.unwrap()
+        }
+    };
+    let (status, _, body) = post("/drain").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        api.agent_service(&id).await.is_none(),
+        "deregistered before answering"
+    );
+    let (status, _, _) = get(baton.admin, "/ready").await;
+    assert_eq!(status, 503);
+    // Still serving, and it stays out of Consul (the registration loop has stopped).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        api.agent_service(&id).await.is_none(),
+        "not registered again"
+    );
+    let (status, _, _) = get(baton.addr, "/").await;
+    assert_eq!(status, 200);
+    // Draining twice is fine.
+    let (status, _, _) = post("/drain").await;
+    assert_eq!(status, 200);
+
+    // SIGTERM then drains at once: the deregistration delay has already passed.
+    baton.signal("TERM");
+    let status = baton.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}\n{}", baton.log());
+    let log = baton.log();
+    assert_eq!(log.matches("deregistered from Consul").count(), 1, "{log}");
+    assert!(!log.contains("accepting until peers"), "{log}");
+}

@@ -606,6 +606,18 @@ fn manifests_wire_baton_as_documented() {
                 pod.what
             );
         }
+        // The app tells baton to leave (POST /drain) before it stops: Kubernetes stops
+        // the native sidecar only after the app has exited.
+        for (k, c) in &containers {
+            if *k == Kind::Main && !c["image"].as_str().unwrap().starts_with(IMAGE) {
+                let hook = c["lifecycle"]["preStop"]["exec"]["command"].to_string();
+                assert!(
+                    hook.contains("-X POST http://127.0.0.1:15021/drain") && hook.contains("sleep"),
+                    "{}: the app's preStop hook drains baton first: {hook}",
+                    pod.what
+                );
+            }
+        }
         for (var, _) in &init_env {
             if var.starts_with("BATON_") || var.starts_with("CONSUL_") {
                 assert!(readme.contains(&format!("`{var}`")), "{var} undocumented");
