@@ -8,7 +8,12 @@ use bytes::Bytes;
 use http::{header::HeaderValue, HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::{client::legacy, rt::TokioExecutor};
-use std::{fmt::Write, sync::Arc, time::Duration};
+use std::{
+    fmt::Write,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
 
 /// The largest answer read from the agent (a health list of thousands of instances is a
 /// few MiB).
@@ -97,8 +102,51 @@ impl Response {
 pub struct Client {
     http: legacy::Client<Connector, Full<Bytes>>,
     base: Arc<str>,
-    token: Option<HeaderValue>,
+    token: Arc<Mutex<Token>>,
     settings: Arc<ClientSettings>,
+}
+
+/// The token sent, and where it comes from.
+#[derive(Debug)]
+struct Token {
+    value: Option<HeaderValue>,
+    /// `CONSUL_HTTP_TOKEN_FILE` and the modification time of what was read from it.
+    file: Option<(PathBuf, Option<SystemTime>)>,
+}
+
+fn header(token: &str) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_str(token).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
+impl Token {
+    /// The token to send: a token file that changed since it was read (a rotation by
+    /// consul-k8s or a Vault agent, a Kubernetes Secret update) is read again. A file
+    /// that cannot be read, or is empty, keeps the last token.
+    fn current(&mut self) -> Option<HeaderValue> {
+        if let Some((path, seen)) = &mut self.file {
+            let modified = std::fs::metadata(&*path).and_then(|m| m.modified()).ok();
+            if modified.is_some() && modified != *seen {
+                *seen = modified;
+                match std::fs::read_to_string(&*path).map(|t| header(t.trim())) {
+                    Ok(Some(v)) if !v.is_empty() => {
+                        if self.value.as_ref() != Some(&v) {
+                            tracing::info!(path = %path.display(), "the Consul token file changed; using the new token");
+                        }
+                        self.value = Some(v);
+                    }
+                    Ok(_) => {
+                        tracing::warn!(path = %path.display(), "the Consul token file is empty or not a valid header value; keeping the last token")
+                    }
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), %error, "cannot read the Consul token file; keeping the last token")
+                    }
+                }
+            }
+        }
+        self.value.clone()
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -118,11 +166,13 @@ impl Client {
             (addr, Some(_)) => format!("https://{addr}"),
             (addr, None) => format!("http://{addr}"),
         };
-        let token = settings.token.as_ref().and_then(|t| {
-            let mut v = HeaderValue::from_str(&t.0).ok()?;
-            v.set_sensitive(true);
-            Some(v)
-        });
+        let token = Token {
+            value: settings.token.as_ref().and_then(|t| header(&t.0)),
+            file: settings.token_file.clone().map(|path| {
+                let read = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+                (path, read)
+            }),
+        };
         let http = legacy::Client::builder(TokioExecutor::new())
             // Blocking queries hold a connection each; the rest reuse idle ones.
             .pool_idle_timeout(Duration::from_secs(30))
@@ -131,7 +181,7 @@ impl Client {
         Self {
             http,
             base: base.into(),
-            token,
+            token: Arc::new(Mutex::new(token)),
             settings: Arc::new(settings),
         }
     }
@@ -166,8 +216,13 @@ impl Client {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{path_and_query}", self.base));
-        if let Some(token) = &self.token {
-            req = req.header("x-consul-token", token.clone());
+        let token = self
+            .token
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .current();
+        if let Some(token) = token {
+            req = req.header("x-consul-token", token);
         }
         if body.is_some() {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
@@ -326,6 +381,39 @@ mod transport_tests {
         let rsp = leader(&c).await.unwrap();
         assert_eq!(rsp.index(), Some(7));
         assert_eq!(&rsp.body[..], b"t0ken");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_rotated_token_file_is_read_again() {
+        let dir = std::env::temp_dir().join(format!("baton-rotate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (sock, token) = (dir.join("http.sock"), dir.join("token"));
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                serve(s);
+            }
+        });
+        std::fs::write(&token, "first\n").unwrap();
+        let addr = format!("unix://{}", sock.display());
+        let c = client(&[
+            (env::CONSUL_HTTP_ADDR, &addr),
+            (env::CONSUL_HTTP_TOKEN_FILE, token.to_str().unwrap()),
+        ]);
+        assert_eq!(&leader(&c).await.unwrap().body[..], b"first");
+        // A rotation replaces the file (as a Kubernetes Secret update does).
+        std::thread::sleep(Duration::from_millis(20));
+        let next = dir.join("token.new");
+        std::fs::write(&next, "second\n").unwrap();
+        std::fs::rename(&next, &token).unwrap();
+        assert_eq!(&leader(&c).await.unwrap().body[..], b"second");
+        // An emptied or vanished file keeps the last token.
+        std::fs::write(&token, "").unwrap();
+        assert_eq!(&leader(&c).await.unwrap().body[..], b"second");
+        std::fs::remove_file(&token).unwrap();
+        assert_eq!(&leader(&c).await.unwrap().body[..], b"second");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -142,6 +142,8 @@ pub struct ClientSettings {
     pub tls: Option<TlsSettings>,
     /// The ACL token, sent as `X-Consul-Token`.
     pub token: Option<Secret>,
+    /// `CONSUL_HTTP_TOKEN_FILE`: re-read when it changes (a rotated token).
+    pub token_file: Option<PathBuf>,
     /// Datacenter to query (`None`: the agent's).
     pub datacenter: Option<String>,
     /// Consistency mode of reads.
@@ -276,6 +278,7 @@ pub fn from_env(get: &dyn Fn(&str) -> Option<String>) -> Result<ClientSettings, 
                 addr,
                 tls,
                 token,
+                token_file: get(CONSUL_HTTP_TOKEN_FILE).map(PathBuf::from),
                 datacenter: None,
                 consistency: Consistency::Default,
             });
