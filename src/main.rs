@@ -31,6 +31,11 @@ const USAGE: &str = "usage: baton [demo | init [--dry-run | --cleanup] | version
 ";
 
 fn main() -> ExitCode {
+    // Before any thread exists (capabilities are per thread): a non-root baton holding
+    // CAP_NET_ADMIN as a file capability passes it on to the `nft` and `ip` it runs.
+    if let Err(e) = baton_layers::sys::inherit_net_admin() {
+        eprintln!("baton: cannot pass CAP_NET_ADMIN on to nft and ip: {e}");
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         [] => run(&Env, None),

@@ -310,3 +310,59 @@ fn capture_and_handoff_tables_coexist() {
     assert!(state.contains("lookup 15010"), "{state}");
     let _ = std::fs::remove_file(&key);
 }
+
+#[test]
+fn init_runs_as_a_non_root_user_holding_the_file_capability() {
+    // What the image does: baton runs as UID 65532 with cap_net_admin as a file
+    // capability, and nft and ip (no capabilities of their own) must still work.
+    let Some(bed) = Testbed::new(&["pod"]) else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(format!("/var/tmp/baton-capcheck-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("baton");
+    std::fs::copy(BATON, &copy).unwrap();
+    let copy = copy.to_str().unwrap();
+    bed.must("pod", &["chmod", "755", dir.to_str().unwrap(), copy]);
+    bed.must("pod", &["setcap", "cap_net_admin+ep", copy]);
+    let as_user = |args: &[&str]| {
+        let mut cmd = vec![
+            "setpriv",
+            "--reuid=65532",
+            "--regid=65532",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "env",
+            "BATON_CAPTURE_EXCLUDE_PORTS=9090",
+            copy,
+            "init",
+        ];
+        cmd.extend_from_slice(args);
+        bed.exec("pod", &cmd)
+    };
+    let before = kernel_state(&bed);
+    let out = as_user(&[]);
+    assert!(
+        out.status.success(),
+        "baton init as UID 65532: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = kernel_state(&bed);
+    assert!(state.contains("table inet baton_capture"), "{state}");
+    assert!(
+        state.contains("fwmark 0x20000/0x20000 lookup 15006"),
+        "{state}"
+    );
+    assert!(
+        state.contains("local default dev lo table 15006"),
+        "{state}"
+    );
+    let out = as_user(&["--cleanup"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(kernel_state(&bed), before);
+    let _ = std::fs::remove_dir_all(&dir);
+}

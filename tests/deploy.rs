@@ -645,8 +645,6 @@ fn dockerfile_builds_a_non_root_image_with_net_admin_file_capabilities() {
         "iproute2",
         "ca-certificates",
         "setcap cap_net_admin+ep /usr/local/bin/baton",
-        "setcap cap_net_admin+ep /usr/sbin/nft",
-        "setcap cap_net_admin+ep /usr/bin/ip",
         "USER 65532:65532",
         "ENTRYPOINT [\"/usr/local/bin/baton\"]",
     ] {

@@ -121,3 +121,88 @@ mod tests {
         assert_eq!(pipe.fill_from(b.as_raw_fd(), 64).unwrap(), 0, "EOF");
     }
 }
+
+/// `CAP_NET_ADMIN`'s number.
+const CAP_NET_ADMIN: u32 = 12;
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit capability sets in two 32-bit words.
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Lets the programs this process runs (`nft`, `ip`) inherit CAP_NET_ADMIN when the
+/// process is not root and holds it as a file capability (`setcap cap_net_admin+ep`):
+/// raises it into the inheritable and ambient sets. Without that a child starts over
+/// from its own binary's capabilities, and iproute2's `ip` even drops those unless
+/// CAP_NET_ADMIN is inheritable. Capabilities are per thread and new threads copy
+/// them, so call this first thing in `main`, before any other thread exists.
+///
+/// Returns whether it raised the capability; `Ok(false)` for root (whose children keep
+/// their capabilities) or when the process does not hold CAP_NET_ADMIN.
+pub fn inherit_net_admin() -> io::Result<bool> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(false);
+    }
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget with a version-3 header writes exactly two CapData structs, and
+    // `data` is a valid, writable array of two.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let bit = 1u32 << CAP_NET_ADMIN;
+    if data[0].permitted & bit == 0 {
+        return Ok(false);
+    }
+    // Allowed without CAP_SETPCAP: the new inheritable set stays within the
+    // permitted one.
+    data[0].inheritable |= bit;
+    // SAFETY: capset reads one version-3 header and two CapData structs, both valid.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: PR_CAP_AMBIENT_RAISE takes the capability number and three zero
+    // arguments; it only reads them.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+            CAP_NET_ADMIN as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}
