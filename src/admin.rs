@@ -48,11 +48,15 @@ pub struct Admin {
 /// `POST /drain` from `peer`: leave (deregister from Consul, stop being ready) and
 /// keep serving until SIGTERM. Only from this host (a `preStop` hook in the pod):
 /// anyone who can reach the admin port must not be able to take the instance out.
-async fn drain(admin: &Admin, method: &Method, peer: SocketAddr) -> Response<Full<Bytes>> {
-    if method != Method::POST {
+async fn drain(admin: &Admin, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    if req.method() != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into());
     }
-    if !peer.ip().is_loopback() {
+    // A request baton itself proxied here comes from loopback too, but carries the
+    // forwarding headers it adds to everything it proxies.
+    let proxied = req.headers().contains_key("x-forwarded-for")
+        || req.headers().contains_key(header::FORWARDED);
+    if !peer.ip().to_canonical().is_loopback() || proxied {
         tracing::warn!(%peer, "refused POST /drain from outside this host");
         return text(
             StatusCode::FORBIDDEN,
@@ -223,7 +227,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Re
                 let admin = admin.clone();
                 async move {
                     let rsp = if req.uri().path() == "/drain" {
-                        drain(&admin, req.method(), peer).await
+                        drain(&admin, &req, peer).await
                     } else {
                         admin.handle(&req)
                     };

@@ -132,9 +132,9 @@ vars! {
     BATON_SERVICE_DEREGISTER_AFTER = DEFAULT_SERVICE_DEREGISTER_AFTER: "1m";
     /// On shutdown, how long baton keeps accepting after deregistering, before draining.
     BATON_SERVICE_DEREGISTER_DELAY = DEFAULT_SERVICE_DEREGISTER_DELAY: "2s";
-    /// The local application's address for the route target `local` (the port is the
-    /// original destination's).
-    BATON_LOCAL_IP = DEFAULT_LOCAL_IP: "127.0.0.1";
+    /// The local application's address for the route target `local` (empty: the
+    /// original destination's; the port is always the original destination's).
+    BATON_LOCAL_IP = DEFAULT_LOCAL_IP: "";
     /// Static services, `NAME=IP:PORT[@HANDOFF],...;...`.
     BATON_STATIC_SERVICES = DEFAULT_STATIC_SERVICES: "";
     /// A file with static services, re-read on change and SIGHUP.
@@ -271,8 +271,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Discovery source.
     pub discovery: DiscoveryKind,
-    /// The local application's address (route target `local`).
-    pub local_ip: IpAddr,
+    /// The local application's address (route target `local`; `None`: the original
+    /// destination's).
+    pub local_ip: Option<IpAddr>,
     /// Static services from the environment.
     pub static_services: ServiceMap,
     /// Static service file.
@@ -1065,11 +1066,14 @@ impl Config {
         });
         let consul_watch = consul_watch_settings(&mut p);
         let registration = registration_settings(&mut p);
-        let local_ip = p.var(
-            BATON_LOCAL_IP,
-            DEFAULT_LOCAL_IP,
-            parse_from::<IpAddr>("expected an IP address, e.g. 127.0.0.1"),
-        );
+        let local_ip = p.var(BATON_LOCAL_IP, DEFAULT_LOCAL_IP, |s| {
+            if s.is_empty() {
+                return Ok(None);
+            }
+            s.parse::<IpAddr>()
+                .map(Some)
+                .map_err(|_| "expected an IP address, e.g. 127.0.0.1".to_string())
+        });
         let static_services = p.var(BATON_STATIC_SERVICES, DEFAULT_STATIC_SERVICES, |s| {
             static_source::parse(s)
                 .map_err(|e| format!("{e}; expected NAME=IP:PORT[@HANDOFF_PORT],...;NAME=..."))
@@ -1249,9 +1253,19 @@ impl Config {
                         protocol: Protocol::Http,
                         lb: lbo.get(service).copied().unwrap_or(lb),
                         upstream: upo.get(service).copied().unwrap_or(up),
-                        dst_port: None,
+                        dst: None,
                     },
                 });
+            }
+        }
+        if let (Some(InboundMode::Plain), Some(routes)) = (inbound_mode, &routes) {
+            if routes.iter().any(|(_, s)| s == LOCAL) {
+                let value = p.raw(BATON_ROUTES).unwrap_or_default();
+                p.fail(
+                    BATON_ROUTES,
+                    &value,
+                    "the route target local needs BATON_INBOUND_MODE=tproxy or redirect (in plain mode every original destination is baton's own listener)",
+                );
             }
         }
         if let (Some(DiscoveryKind::Static), Some(routes), Some(services)) =
@@ -1564,6 +1578,23 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.0[0].name, "CONSUL_HTTP_ADDR");
+    }
+
+    #[test]
+    fn the_local_target_needs_a_capturing_listener_and_no_definition() {
+        let err = parse(&[(BATON_ROUTES, "*=local")]).unwrap_err();
+        assert_eq!(err.0[0].name, BATON_ROUTES);
+        assert!(err.0[0].expected.contains("tproxy or redirect"));
+        let c = parse(&[(BATON_ROUTES, "*=local"), (BATON_INBOUND_MODE, "tproxy")]).unwrap();
+        assert!(c.routed_services().is_empty(), "local needs no discovery");
+        assert!(c.local_ip.is_none());
+        let err = parse(&[
+            (BATON_ROUTES, "*=local"),
+            (BATON_INBOUND_MODE, "redirect"),
+            (BATON_STATIC_SERVICES, "local=127.0.0.1:1"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.0[0].name, BATON_STATIC_SERVICES);
     }
 
     #[test]

@@ -64,8 +64,9 @@ table inet {TABLE} {{
 \t\tiifname \"lo\" return
 \t\tmeta nfproto != ipv4 return
 \t\tmeta l4proto != tcp return
-\t\t# flows baton already accepted: deliver to its socket
-\t\tsocket transparent 1 meta mark set meta mark | {MARK:#x} accept
+\t\t# flows baton already accepted: deliver to its socket (not SYNs: a SYN matching a
+\t\t# TIME_WAIT socket of baton's must meet tproxy, which handles TIME_WAIT itself)
+\t\ttcp flags & (syn | ack) != syn socket transparent 1 meta mark set meta mark | {MARK:#x} accept
 \t\ttcp dport {{ {exclude} }} return
 {only}\t\tfib daddr type != local return
 \t\tmeta l4proto tcp tproxy ip to {target}:{port} meta mark set meta mark | {MARK:#x} accept
@@ -77,11 +78,13 @@ table inet {TABLE} {{
     )
 }
 
-fn rule_args() -> Vec<String> {
+/// `ip -4 rule VERB` with baton's selector: the exact rule, never another at the same
+/// priority.
+fn rule_args(verb: &str) -> Vec<String> {
     [
         "-4",
         "rule",
-        "add",
+        verb,
         "fwmark",
         &format!("{MARK:#x}/{MARK:#x}"),
         "lookup",
@@ -93,11 +96,12 @@ fn rule_args() -> Vec<String> {
     .to_vec()
 }
 
-fn route_args() -> Vec<String> {
+/// `ip -4 route VERB` of the one route init adds.
+fn route_args(verb: &str) -> Vec<String> {
     [
         "-4",
         "route",
-        "replace",
+        verb,
         "local",
         "0.0.0.0/0",
         "dev",
@@ -115,38 +119,39 @@ fn ip(args: &[String]) -> Result<String, String> {
 }
 
 fn rule_present() -> Result<bool, String> {
-    let pref = ROUTE_TABLE.to_string();
-    Ok(
-        !ip(&["-4", "rule", "show", "pref", &pref].map(String::from))?
-            .trim()
-            .is_empty(),
-    )
+    Ok(!ip(&rule_args("show"))?.trim().is_empty())
+}
+
+fn route_present() -> bool {
+    let table = ROUTE_TABLE.to_string();
+    ip(&[
+        "-4", "route", "show", "table", &table, "type", "local", "dev", "lo",
+    ]
+    .map(String::from))
+    .is_ok_and(|out| out.lines().any(|l| l.starts_with("local default")))
 }
 
 /// Installs the capture rules (idempotent).
 pub fn install(c: &CaptureConfig) -> Result<(), String> {
     run("nft", &["-f", "-"], Some(&ruleset(c)))?;
     if !rule_present()? {
-        ip(&rule_args())?;
+        ip(&rule_args("add"))?;
     }
-    ip(&route_args())?;
+    ip(&route_args("replace"))?;
     Ok(())
 }
 
-/// Removes exactly what [`install`] adds (whatever of it is there).
+/// Removes exactly what [`install`] adds (whatever of it is there), nothing else: not
+/// another rule at the same priority, not another route in the table.
 pub fn cleanup() -> Result<(), String> {
     if run("nft", &["list", "table", "inet", TABLE], None).is_ok() {
         run("nft", &["delete", "table", "inet", TABLE], None)?;
     }
-    let pref = ROUTE_TABLE.to_string();
     while rule_present()? {
-        ip(&["-4", "rule", "del", "pref", &pref].map(String::from))?;
+        ip(&rule_args("del"))?;
     }
-    let table = ROUTE_TABLE.to_string();
-    let routes =
-        ip(&["-4", "route", "show", "table", &table].map(String::from)).unwrap_or_default();
-    if !routes.trim().is_empty() {
-        ip(&["-4", "route", "flush", "table", &table].map(String::from))?;
+    if route_present() {
+        ip(&route_args("del"))?;
     }
     Ok(())
 }
@@ -154,10 +159,10 @@ pub fn cleanup() -> Result<(), String> {
 /// Everything `install` does, as text.
 pub fn describe(c: &CaptureConfig) -> String {
     format!(
-        "# nft -f - <<'EOF'\n{}# EOF\nip {}   # unless a rule with this priority exists\nip {}\n",
+        "# nft -f - <<'EOF'\n{}# EOF\nip {}   # unless this rule exists\nip {}\n",
         ruleset(c),
-        rule_args().join(" "),
-        route_args().join(" ")
+        rule_args("add").join(" "),
+        route_args("replace").join(" ")
     )
 }
 
@@ -198,7 +203,9 @@ pub fn main(strings: &impl Strings, action: Action) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("baton init: {e} (it needs CAP_NET_ADMIN, and the nft and ip tools)");
+            eprintln!(
+                "baton init: {e}\n(it needs CAP_NET_ADMIN, the nft and ip tools, and the node's kernel modules nft_tproxy, nft_socket and nft_fib_inet, which a pod cannot load)"
+            );
             ExitCode::FAILURE
         }
     }

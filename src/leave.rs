@@ -39,8 +39,16 @@ impl Leave {
         }
     }
 
-    /// Starts keeping `registrar`'s instance registered, until leaving.
+    /// Starts keeping `registrar`'s instance registered, until leaving (not at all if
+    /// leaving has begun: a `POST /drain` that came first must hold).
     pub fn register(&self, registrar: Arc<Registrar>) {
+        match self.done.try_lock() {
+            Ok(done) if !*done => {}
+            _ => {
+                tracing::info!("left before registering: not registering in Consul");
+                return;
+            }
+        }
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn({
             let registrar = registrar.clone();

@@ -222,7 +222,7 @@ impl Server {
             tracing::info!("no route for opaque connection; closing");
             return Ok(());
         };
-        let logical = logical.for_port(accept.orig_dst.port());
+        let logical = logical.for_dst(accept.orig_dst);
         let svc = self.stacks.opaque.new_service(logical.clone());
         let mut upstream = match svc
             .oneshot(OpaqueRequest {

@@ -235,10 +235,13 @@ where
     K: HashKey<Req>,
 {
     let registry = registry.clone();
-    let (local_ip, inbound_port) = (cfg.local_ip, cfg.inbound_addr.port());
+    let local = LocalApp {
+        ip: cfg.local_ip,
+        own_ports: own_ports(cfg),
+    };
     let resolve = move |logical: &Logical| {
-        if let (true, Some(port)) = (logical.is_local(), logical.dst_port) {
-            publish_local(&registry, local_ip, port, inbound_port);
+        if let (true, Some(dst)) = (logical.is_local(), logical.dst) {
+            local.publish(&registry, dst);
         }
         endpoints(&registry, logical)
     };
@@ -259,35 +262,51 @@ pub type Endpoints = futures_util::stream::MapOk<
     >,
 >;
 
-/// The registry name of the local application on `port` (route target `local`).
-fn local_name(port: u16) -> String {
-    format!("{LOCAL}:{port}")
+/// baton's own listening ports.
+fn own_ports(cfg: &Config) -> Vec<u16> {
+    let mut ports = vec![cfg.inbound_addr.port(), cfg.admin_addr.port()];
+    ports.extend(cfg.handoff.as_ref().map(|h| h.addr.port()));
+    ports
 }
 
-/// Publishes the local application on `port` (`local_ip:port`) as service `local:PORT`,
-/// so `local` targets resolve like any other and show in `/metrics`. The inbound
-/// listener's own port gets no endpoint (503): connecting there would be a loop.
-fn publish_local(registry: &Registry, local_ip: IpAddr, port: u16, inbound_port: u16) {
-    let name = local_name(port);
-    if registry.is_resolved(&name) {
-        return;
-    }
-    if port == inbound_port {
-        tracing::warn!(
-            port,
-            "route target local for baton's own inbound port: no endpoint (it would loop)"
-        );
-        registry.publish(&name, []);
-    } else {
-        registry.publish(&name, [Instance::new(SocketAddr::new(local_ip, port))]);
+/// The route target `local`: the application at the original destination (or at
+/// `BATON_LOCAL_IP` on the original destination's port).
+#[derive(Clone, Debug)]
+struct LocalApp {
+    ip: Option<IpAddr>,
+    own_ports: Vec<u16>,
+}
+
+/// The registry name of the local application at `dst`.
+fn local_name(dst: SocketAddr) -> String {
+    format!("{LOCAL}:{dst}")
+}
+
+impl LocalApp {
+    /// Publishes the application at `dst` as service `local:IP:PORT`, so `local`
+    /// targets resolve like any other and show in `/metrics`. baton's own ports get no
+    /// endpoint (503): the inbound one would loop, and the admin and handoff ones are
+    /// not for clients.
+    fn publish(&self, registry: &Registry, dst: SocketAddr) {
+        let name = local_name(dst);
+        if registry.is_resolved(&name) {
+            return;
+        }
+        if self.own_ports.contains(&dst.port()) {
+            tracing::warn!(%dst, "route target local for one of baton's own ports: no endpoint");
+            registry.publish(&name, []);
+        } else {
+            let ip = self.ip.unwrap_or(dst.ip());
+            registry.publish(&name, [Instance::new(SocketAddr::new(ip, dst.port()))]);
+        }
     }
 }
 
 /// Resolves `logical` in `registry`, as endpoint targets.
 pub fn endpoints(registry: &Registry, logical: &Logical) -> Endpoints {
     let logical = logical.clone();
-    let name = match (logical.is_local(), logical.dst_port) {
-        (true, Some(port)) => local_name(port),
+    let name = match (logical.is_local(), logical.dst) {
+        (true, Some(dst)) => local_name(dst),
         _ => logical.service.to_string(),
     };
     registry

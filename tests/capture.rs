@@ -57,7 +57,11 @@ fn start_app(bed: &Testbed) {
 const CAPTURE_ENV: &[(&str, &str)] = &[("BATON_CAPTURE_EXCLUDE_PORTS", "9090")];
 
 fn init(bed: &Testbed, args: &[&str]) -> String {
-    let mut cmd = vec!["env", "BATON_CAPTURE_EXCLUDE_PORTS=9090", BATON, "init"];
+    init_with(bed, "BATON_CAPTURE_EXCLUDE_PORTS=9090", args)
+}
+
+fn init_with(bed: &Testbed, var: &str, args: &[&str]) -> String {
+    let mut cmd = vec!["env", var, BATON, "init"];
     cmd.extend_from_slice(args);
     bed.must("pod", &cmd)
 }
@@ -114,11 +118,11 @@ fn inbound_tcp_is_captured_and_served_by_the_local_app() {
     start_baton(&bed, &[]);
     let (pod, client) = (bed.ip("pod"), bed.ip("client"));
 
-    // Captured: baton counts it, the app answers it (reached over loopback, with the
-    // client's address in x-forwarded-for).
+    // Captured: baton counts it, the app answers it (reached at the original
+    // destination, over loopback, with the client's address in x-forwarded-for).
     let (status, body) = bed.curl("client", &format!("http://{pod}:8080/hello"));
     assert_eq!(status, 200);
-    assert_eq!(body, format!("app 8080 from 127.0.0.1 xff {client}\n"));
+    assert_eq!(body, format!("app 8080 from {pod} xff {client}\n"));
     assert_eq!(captured(&bed), 1);
     // No loop: baton's own connection to the app was not captured again — the app saw
     // exactly one request and baton counted exactly one.
@@ -216,6 +220,27 @@ fn the_capture_coexists_with_rules_already_there() {
             "ip", "rule", "add", "fwmark", "0x1", "lookup", "100", "pref", "100",
         ],
     );
+    // Even at init's own priority and in its own routing table.
+    bed.must(
+        "pod",
+        &[
+            "ip", "rule", "add", "fwmark", "0x2", "lookup", "101", "pref", "15006",
+        ],
+    );
+    bed.must(
+        "pod",
+        &[
+            "ip",
+            "route",
+            "add",
+            "local",
+            "10.99.0.0/24",
+            "dev",
+            "lo",
+            "table",
+            "15006",
+        ],
+    );
     let before = kernel_state(&bed);
     init(&bed, &[]);
     let after = kernel_state(&bed);
@@ -224,6 +249,12 @@ fn the_capture_coexists_with_rules_already_there() {
         after.contains("100:\tfrom all fwmark 0x1 lookup 100"),
         "{after}"
     );
+    assert!(
+        after.contains("15006:\tfrom all fwmark 0x20000/0x20000 lookup 15006"),
+        "{after}"
+    );
+    init(&bed, &[]);
+    assert_eq!(kernel_state(&bed), after, "idempotent beside them");
     init(&bed, &["--cleanup"]);
     assert_eq!(kernel_state(&bed), before);
 }
@@ -299,8 +330,18 @@ fn capture_and_handoff_tables_coexist() {
     let (status, body) = bed.curl("client", &format!("http://{pod}:8080/x"));
     assert_eq!(status, 200, "{body}");
     assert_eq!(captured(&bed), 1);
-    let printed = init(&bed, &["--dry-run"]);
-    assert!(printed.contains("15010"), "{printed}");
+    let before = captured(&bed);
+    let _ = bed.exec(
+        "client",
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "2",
+            &format!("http://{pod}:15010/"),
+        ],
+    );
+    assert_eq!(captured(&bed), before, "the handoff port is not captured");
 
     // Cleanup removes the capture only.
     init(&bed, &["--cleanup"]);
@@ -365,4 +406,26 @@ fn init_runs_as_a_non_root_user_holding_the_file_capability() {
     );
     assert_eq!(kernel_state(&bed), before);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn only_the_listed_ports_are_captured() {
+    let Some(bed) = Testbed::new(&["client", "pod"]) else {
+        return;
+    };
+    start_app(&bed);
+    init_with(&bed, "BATON_CAPTURE_PORTS=8080", &[]);
+    start_baton(&bed, &[]);
+    let (pod, client) = (bed.ip("pod"), bed.ip("client"));
+    let (status, body) = bed.curl("client", &format!("http://{pod}:8080/in"));
+    assert_eq!(
+        (status, body),
+        (200, format!("app 8080 from {pod} xff {client}\n"))
+    );
+    let (status, body) = bed.curl("client", &format!("http://{pod}:9090/out"));
+    assert_eq!(
+        (status, body),
+        (200, format!("app 9090 from {client} xff -\n"))
+    );
+    assert_eq!(captured(&bed), 1);
 }

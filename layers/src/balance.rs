@@ -589,7 +589,7 @@ mod tests {
             protocol: Protocol::Http,
             lb: Lb::Rr,
             upstream: UpstreamProtocol::Auto,
-            dst_port: None,
+            dst: None,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         for (id, weight) in [("a", 3), ("b", 1)] {

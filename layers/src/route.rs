@@ -123,12 +123,10 @@ fn strip_port(host: &str) -> &str {
 }
 
 /// A route target. Most are the same whatever the connection; the reserved `local`
-/// target (see [`Logical::for_port`](crate::target::Logical::for_port)) is bound to the
-/// original destination port.
+/// target ([`LOCAL`](crate::target::LOCAL)) is bound to the original destination.
 pub trait RouteTarget: Clone {
-    /// The target for a request or connection whose original destination port is
-    /// `port`.
-    fn for_port(&self, _port: u16) -> Self {
+    /// The target for a request or connection whose original destination is `dst`.
+    fn for_dst(&self, _dst: std::net::SocketAddr) -> Self {
         self.clone()
     }
 }
@@ -247,14 +245,15 @@ where
             );
             return RouteFuture::Answered { rsp: Some(rsp) };
         }
-        let port = req
+        let dst = req
             .extensions()
             .get::<ClientInfo>()
-            .map_or(0, |c| c.accept.orig_dst.port());
+            .map_or(([0, 0, 0, 0], 0).into(), |c| c.accept.orig_dst);
+        let port = dst.port();
         let host = request_host(&req);
         match self.routes.route_http(port, host, req.uri().path()) {
             Some(target) => {
-                let svc = self.new_logical.new_service(target.for_port(port));
+                let svc = self.new_logical.new_service(target.for_dst(dst));
                 RouteFuture::Routed {
                     inner: Oneshot::new(svc, req),
                 }

@@ -120,10 +120,10 @@ pub struct Logical {
     pub lb: Lb,
     /// The HTTP version to speak upstream.
     pub upstream: UpstreamProtocol,
-    /// For the reserved target [`LOCAL`]: the original destination port, which is the
-    /// local application's port.
+    /// For the reserved target [`LOCAL`]: the original destination, which is where the
+    /// local application listens.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub dst_port: Option<u16>,
+    pub dst: Option<std::net::SocketAddr>,
 }
 
 /// The reserved route target "the local application at the original destination
@@ -138,12 +138,12 @@ impl Logical {
 }
 
 impl crate::route::RouteTarget for Logical {
-    /// `local` is bound to the port; every other target is unchanged. (One logical
-    /// stack per local port, cached like any other service.)
-    fn for_port(&self, port: u16) -> Self {
+    /// `local` is bound to the original destination; every other target is unchanged.
+    /// (One logical stack per destination, cached like any other service.)
+    fn for_dst(&self, dst: std::net::SocketAddr) -> Self {
         let mut l = self.clone();
         if l.is_local() {
-            l.dst_port = Some(port);
+            l.dst = Some(dst);
         }
         l
     }

@@ -340,7 +340,7 @@ mod tests {
             protocol: Protocol::Http,
             lb: Lb::P2c,
             upstream,
-            dst_port: None,
+            dst: None,
         };
         NewHttpProxy::new(ClientConfig::default()).new_service(Endpoint {
             logical,
