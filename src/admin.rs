@@ -1,6 +1,7 @@
-//! The admin server: `/live`, `/ready`, `/metrics`, `/config`, and `POST /drain`.
+//! The admin server: `/live`, `/ready`, `/metrics`, `/config`, and `POST /drain`,
+//! `POST /resume`.
 
-use crate::leave::Leave;
+use crate::leave::{Leave, Resume};
 use baton_discovery::Registry;
 use baton_layers::metrics::{self, Metrics};
 use bytes::Bytes;
@@ -45,10 +46,17 @@ pub struct Admin {
     pub leave: Arc<Leave>,
 }
 
-/// `POST /drain` from `peer`: leave (deregister from Consul, stop being ready) and
-/// keep serving until SIGTERM. Only from this host (a `preStop` hook in the pod):
-/// anyone who can reach the admin port must not be able to take the instance out.
-async fn drain(admin: &Admin, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+/// `POST /drain` and `POST /resume` from `peer`. Drain: leave (deregister from Consul,
+/// stop being ready) and keep serving until SIGTERM. Resume: join again (the app came
+/// back without a SIGTERM: its container alone restarted). Only from this host (the
+/// app's `preStop`/`postStart` hooks in the pod): anyone who can reach the admin port
+/// must not be able to take the instance out.
+async fn membership(
+    admin: &Admin,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
     if req.method() != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into());
     }
@@ -57,14 +65,27 @@ async fn drain(admin: &Admin, req: &Request<Incoming>, peer: SocketAddr) -> Resp
     let proxied = req.headers().contains_key("x-forwarded-for")
         || req.headers().contains_key(header::FORWARDED);
     if !peer.ip().to_canonical().is_loopback() || proxied {
-        tracing::warn!(%peer, "refused POST /drain from outside this host");
+        tracing::warn!(%peer, path, "refused from outside this host");
         return text(
             StatusCode::FORBIDDEN,
-            "POST /drain is accepted from loopback only\n".into(),
+            format!("POST {path} is accepted from loopback only\n"),
         );
     }
+    if path == "/resume" {
+        return match admin.leave.resume().await {
+            Resume::Joined => {
+                tracing::info!("POST /resume: joined again");
+                text(StatusCode::OK, "resumed: ready and registered\n".into())
+            }
+            Resume::AlreadyIn => text(StatusCode::OK, "not draining\n".into()),
+            Resume::ShuttingDown => text(
+                StatusCode::CONFLICT,
+                "shutting down: cannot resume\n".into(),
+            ),
+        };
+    }
     if admin.leave.leave().await {
-        tracing::info!("POST /drain: left; serving until SIGTERM");
+        tracing::info!("POST /drain: left; serving until SIGTERM or POST /resume");
     }
     text(
         StatusCode::OK,
@@ -190,7 +211,8 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /live, /ready, /metrics, /config, POST /drain\n".into(),
+                "not found: try /live, /ready, /metrics, /config, POST /drain, POST /resume\n"
+                    .into(),
             ),
         }
     }
@@ -226,8 +248,8 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Re
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let admin = admin.clone();
                 async move {
-                    let rsp = if req.uri().path() == "/drain" {
-                        drain(&admin, &req, peer).await
+                    let rsp = if matches!(req.uri().path(), "/drain" | "/resume") {
+                        membership(&admin, &req, peer).await
                     } else {
                         admin.handle(&req)
                     };

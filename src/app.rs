@@ -98,7 +98,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     state.listening.store(true, Ordering::Release);
     tracing::info!(inbound = %inbound_addr, admin = %admin_addr, mode = ?config.inbound_mode, "listening");
     if let Some(registrar) = registrar {
-        leave.register(registrar);
+        leave.register(registrar).await;
     }
 
     let signal = shutdown_signal(reload).await?;
@@ -107,7 +107,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // instance while it still serves what they send; a check on /ready would notice
     // only later. Peers learn of the removal through their own watches: until then
     // they may still connect, and are accepted and served.
-    if leave.leave().await {
+    if leave.shut_down().await {
         if let Some(delay) = config.registration.as_ref().map(|r| r.deregister_delay) {
             tracing::info!(?delay, "accepting until peers have seen the deregistration");
             tokio::time::sleep(delay).await;

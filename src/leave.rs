@@ -2,15 +2,20 @@
 //!
 //! Leaving deregisters the instance from Consul (after stopping the registration loop,
 //! so it cannot register again) and turns `/ready` to 503, while baton keeps serving.
-//! It happens once: on `POST /drain` to the admin server (a Kubernetes `preStop` hook
-//! of the application calls it, because Kubernetes stops a native sidecar only after
-//! the application has exited) or at the start of a SIGTERM shutdown, whichever comes
+//! It happens on `POST /drain` to the admin server — a Kubernetes `preStop` hook of the
+//! application calls it, because Kubernetes stops a native sidecar only after the
+//! application has exited — or at the start of a SIGTERM shutdown, whichever comes
 //! first.
+//!
+//! A `preStop` hook also runs when only the application container restarts (a failed
+//! liveness probe): then no SIGTERM follows, and `POST /resume` (the application's
+//! `postStart` hook) joins again — ready, and registered. After SIGTERM there is no
+//! way back.
 
 use crate::admin::State;
 use baton_discovery::consul::{self, register::Registrar};
 use std::{
-    sync::{atomic::Ordering, Arc, Mutex},
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 use tokio::{sync::watch, task::JoinHandle};
@@ -19,14 +24,31 @@ use tokio::{sync::watch, task::JoinHandle};
 /// confirm the deregistration: an unreachable agent must not hold up a shutdown.
 const STEP_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A running registration: the registrar, its loop, and the loop's stop signal.
-type Registration = (Arc<Registrar>, JoinHandle<()>, watch::Sender<bool>);
+/// Where the instance stands. One lock orders leaving, joining and shutting down.
+#[derive(Default)]
+struct Membership {
+    registrar: Option<Arc<Registrar>>,
+    /// The registration loop while registered: its task and stop signal.
+    running: Option<(JoinHandle<()>, watch::Sender<bool>)>,
+    left: bool,
+    shutting_down: bool,
+}
+
+/// What [`Leave::resume`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// Joined again.
+    Joined,
+    /// Had not left.
+    AlreadyIn,
+    /// Shutting down: no way back.
+    ShuttingDown,
+}
 
 /// See the module docs.
 pub struct Leave {
     state: Arc<State>,
-    registration: Mutex<Option<Registration>>,
-    done: tokio::sync::Mutex<bool>,
+    membership: tokio::sync::Mutex<Membership>,
 }
 
 impl Leave {
@@ -34,54 +56,37 @@ impl Leave {
     pub fn new(state: Arc<State>) -> Self {
         Self {
             state,
-            registration: Mutex::new(None),
-            done: tokio::sync::Mutex::new(false),
+            membership: tokio::sync::Mutex::new(Membership::default()),
         }
     }
 
-    /// Starts keeping `registrar`'s instance registered, until leaving (not at all if
-    /// leaving has begun: a `POST /drain` that came first must hold).
-    pub fn register(&self, registrar: Arc<Registrar>) {
-        match self.done.try_lock() {
-            Ok(done) if !*done => {}
-            _ => {
-                tracing::info!("left before registering: not registering in Consul");
-                return;
-            }
+    /// Keeps `registrar`'s instance registered until leaving (from the moment of
+    /// joining again, if it has already left).
+    pub async fn register(&self, registrar: Arc<Registrar>) {
+        let mut m = self.membership.lock().await;
+        m.registrar = Some(registrar);
+        if m.left {
+            tracing::info!("left before registering: registering when resumed");
+        } else {
+            start(&mut m);
         }
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn({
-            let registrar = registrar.clone();
-            async move { registrar.run(stop_rx).await }
-        });
-        *self.registration.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((registrar, task, stop));
     }
 
-    /// Whether leaving has happened (or is happening).
-    pub fn started(&self) -> bool {
-        self.state.draining.load(Ordering::Acquire)
-    }
-
-    /// Leaves, if not done yet; true when this call did it (later calls wait for the
-    /// first to finish and return false).
+    /// Leaves, if not left already; true when this call did it.
     pub async fn leave(&self) -> bool {
-        let mut done = self.done.lock().await;
-        if *done {
+        let mut m = self.membership.lock().await;
+        if m.left {
             return false;
         }
-        let registration = self
-            .registration
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some((registrar, mut task, stop)) = registration {
+        if let Some((mut task, stop)) = m.running.take() {
             // The loop finishes a registration already sent (it must not land after
             // the deregistration), then ends.
             let _ = stop.send(true);
             if tokio::time::timeout(STEP_TIMEOUT, &mut task).await.is_err() {
                 task.abort();
             }
+        }
+        if let Some(registrar) = &m.registrar {
             let deregistered = tokio::time::timeout(STEP_TIMEOUT, registrar.deregister())
                 .await
                 .unwrap_or(Err(consul::Error::Timeout(STEP_TIMEOUT)));
@@ -93,7 +98,39 @@ impl Leave {
             }
         }
         self.state.draining.store(true, Ordering::Release);
-        *done = true;
+        m.left = true;
         true
     }
+
+    /// Leaves for good (SIGTERM): afterwards [`resume`](Self::resume) refuses. True
+    /// when this call did the leaving.
+    pub async fn shut_down(&self) -> bool {
+        self.membership.lock().await.shutting_down = true;
+        self.leave().await
+    }
+
+    /// Joins again after a [`leave`](Self::leave): ready, and registered again.
+    pub async fn resume(&self) -> Resume {
+        let mut m = self.membership.lock().await;
+        if m.shutting_down {
+            return Resume::ShuttingDown;
+        }
+        if !m.left {
+            return Resume::AlreadyIn;
+        }
+        m.left = false;
+        start(&mut m);
+        self.state.draining.store(false, Ordering::Release);
+        Resume::Joined
+    }
+}
+
+/// Starts the registration loop, if there is a registration.
+fn start(m: &mut Membership) {
+    let Some(registrar) = m.registrar.clone() else {
+        return;
+    };
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(async move { registrar.run(stop_rx).await });
+    m.running = Some((task, stop));
 }

@@ -707,12 +707,34 @@ async fn post_drain_leaves_consul_and_keeps_serving_until_sigterm() {
     // Draining twice is fine.
     let (status, _, _) = post("/drain").await;
     assert_eq!(status, 200);
+    // A request baton proxied to its own admin port (it carries forwarding headers)
+    // may not drain.
+    let req = http::Request::post(format!("http://{}/drain", baton.admin))
+        .header("x-forwarded-for", "10.0.0.1")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let (status, _, _) = support::send(&support::http1_client(), req).await.unwrap();
+    assert_eq!(status, 403);
+
+    // The app's container alone restarted (its preStop drained, no SIGTERM came):
+    // its postStart hook resumes — ready and registered again.
+    let (status, _, body) = post("/resume").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (status, _, _) = get(baton.admin, "/ready").await;
+    assert_eq!(status, 200);
+    until("the registration again", async || {
+        api.agent_service(&id).await
+    })
+    .await;
+    let (status, _, _) = post("/drain").await;
+    assert_eq!(status, 200);
+    assert!(api.agent_service(&id).await.is_none());
 
     // SIGTERM then drains at once: the deregistration delay has already passed.
     baton.signal("TERM");
     let status = baton.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status:?}\n{}", baton.log());
     let log = baton.log();
-    assert_eq!(log.matches("deregistered from Consul").count(), 1, "{log}");
+    assert_eq!(log.matches("deregistered from Consul").count(), 2, "{log}");
     assert!(!log.contains("accepting until peers"), "{log}");
 }

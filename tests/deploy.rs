@@ -616,6 +616,13 @@ fn manifests_wire_baton_as_documented() {
                     "{}: the app's preStop hook drains baton first: {hook}",
                     pod.what
                 );
+                // ...and a restart of the app container alone must not leave it out.
+                let hook = c["lifecycle"]["postStart"]["exec"]["command"].to_string();
+                assert!(
+                    hook.contains("-X POST http://127.0.0.1:15021/resume"),
+                    "{}: the app's postStart hook resumes baton: {hook}",
+                    pod.what
+                );
             }
         }
         for (var, _) in &init_env {
