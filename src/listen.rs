@@ -56,35 +56,41 @@ pub fn original_dst(stream: &TcpStream, mode: InboundMode) -> io::Result<SocketA
     }
 }
 
-/// Accepts connections until `drain` fires, serving each on its own task.
+/// Accepts connections until `drain` fires, serving each on its own task. Then takes
+/// the connections the kernel had already completed (they wait in the backlog, and
+/// closing the listener would reset them) and serves them too: each gets its request
+/// answered and is closed, like every connection during the drain.
 pub async fn accept_loop(
     listener: TcpListener,
     mode: InboundMode,
     server: Arc<Server>,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) {
+    // Each connection gets a receiver of the signal; this loop watches its own.
+    let mut stop = drain.clone();
+    let serve = |(stream, client): (TcpStream, SocketAddr), drain: watch::Receiver<bool>| {
+        // Responses are written whole by the HTTP server or spliced: Nagle would only
+        // hold back the tail of a response for a delayed ACK.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%client, %error, "cannot set TCP_NODELAY");
+        }
+        let orig_dst = match original_dst(&stream, mode) {
+            Ok(dst) => dst,
+            Err(error) => {
+                tracing::warn!(%client, %error, "no original destination; closing");
+                return;
+            }
+        };
+        let accept = Accept { client, orig_dst };
+        tokio::spawn(server.clone().serve(stream, accept, drain));
+    };
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = drain.changed() => break,
+            _ = stop.changed() => break,
         };
         match accepted {
-            Ok((stream, client)) => {
-                // Responses are written whole by the HTTP server or spliced: Nagle
-                // would only hold back the tail of a response for a delayed ACK.
-                if let Err(error) = stream.set_nodelay(true) {
-                    tracing::debug!(%client, %error, "cannot set TCP_NODELAY");
-                }
-                let orig_dst = match original_dst(&stream, mode) {
-                    Ok(dst) => dst,
-                    Err(error) => {
-                        tracing::warn!(%client, %error, "no original destination; closing");
-                        continue;
-                    }
-                };
-                let accept = Accept { client, orig_dst };
-                tokio::spawn(server.clone().serve(stream, accept, drain.clone()));
-            }
+            Ok(conn) => serve(conn, drain.clone()),
             Err(error) => {
                 // EMFILE/ENFILE/ENOBUFS: the process is out of something; accepting
                 // again at once would spin. Back off briefly.
@@ -93,5 +99,24 @@ pub async fn accept_loop(
             }
         }
     }
-    tracing::info!("stopped accepting");
+    // Their receivers have seen the signal already: a connection accepted before it
+    // and still without a request is closed by it, these get their request answered
+    // first (and are closed after it, as draining connections are).
+    // Straight from the socket: the runtime may not know yet that the listener is
+    // readable (and would not even try), the kernel does.
+    let mut backlog = 0usize;
+    while let Some(conn) = accept_now(&listener) {
+        serve(conn, stop.clone());
+        backlog += 1;
+    }
+    tracing::info!(backlog, "stopped accepting");
+}
+
+/// A connection already waiting on `listener`, without waiting for one.
+fn accept_now(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
+    let (socket, client) = SockRef::from(listener).accept().ok()?;
+    let client = client.as_socket()?;
+    let stream: std::net::TcpStream = socket.into();
+    stream.set_nonblocking(true).ok()?;
+    Some((TcpStream::from_std(stream).ok()?, client))
 }

@@ -372,3 +372,41 @@ async fn a_silent_http2_client_does_not_hold_up_shutdown() {
     // The grace period is 30s; a silent peer must not use it up.
     assert!(start.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test]
+async fn connections_waiting_in_the_backlog_at_sigterm_are_served() {
+    let up = Upstream::start("up", Behaviour::default()).await;
+    let mut baton = route_all("web", &[&up], &[("BATON_WORKERS", "1")]).await;
+    // Frozen, baton accepts nothing: the kernel completes the handshakes and queues
+    // the connections (and their requests) in the listen backlog.
+    baton.signal("STOP");
+    let addr = baton.addr;
+    let clients: Vec<_> = (0..20)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.expect("the kernel accepts");
+                let req = format!("GET /{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                s.write_all(req.as_bytes()).await.unwrap();
+                let mut rsp = Vec::new();
+                let read = s.read_to_end(&mut rsp).await;
+                (read.map(|_| rsp).map_err(|e| e.to_string()), i)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGTERM arrives as baton wakes up: whatever it had not accepted yet must still
+    // be answered, not reset with the listener.
+    baton.signal("TERM");
+    baton.signal("CONT");
+    for c in clients {
+        let (rsp, i) = c.await.unwrap();
+        let rsp = rsp.unwrap_or_else(|e| panic!("client {i}: {e}\n{}", baton.log()));
+        let text = String::from_utf8_lossy(&rsp);
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "client {i}: {text:?}\n{}",
+            baton.log()
+        );
+    }
+    assert!(baton.wait_exit(Duration::from_secs(10)).success());
+}
