@@ -156,6 +156,27 @@ pub fn cleanup() -> Result<(), String> {
     Ok(())
 }
 
+/// The capture is IPv4 only: TCP to a global IPv6 address of the pod reaches the
+/// application without baton. Say so loudly where that can happen.
+fn warn_ipv6() {
+    let global = run("ip", &["-6", "-o", "addr", "show", "scope", "global"], None)
+        .unwrap_or_default();
+    let addrs: Vec<&str> = global
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            w.find(|w| *w == "inet6")?;
+            w.next()
+        })
+        .collect();
+    if !addrs.is_empty() {
+        eprintln!(
+            "baton init: WARNING: this pod has IPv6 addresses ({}); baton captures IPv4 only, so TCP to them reaches the application without baton",
+            addrs.join(", ")
+        );
+    }
+}
+
 /// Everything `install` does, as text.
 pub fn describe(c: &CaptureConfig) -> String {
     format!(
@@ -185,6 +206,7 @@ pub fn main(strings: &impl Strings, action: Action) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Action::Install => install(&config).map(|()| {
+            warn_ipv6();
             format!(
                 "baton init: capturing TCP to this host's addresses on {} (excluding {:?}) to {}",
                 config
