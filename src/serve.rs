@@ -10,8 +10,10 @@
 //!
 //! Shutdown: each connection holds a receiver of the drain signal. When it fires,
 //! HTTP/1 connections finish the request in flight and close (idle keep-alives close
-//! at once), HTTP/2 connections send GOAWAY and finish open streams, connections still
-//! being detected are closed, and opaque connections run on until they end or the
+//! at once), HTTP/2 connections send GOAWAY and finish open streams, a connection
+//! still waiting for its first request gets it answered (a client does not retry a
+//! request that failed on a fresh connection; the detection and header timeouts bound
+//! a silent one) and then closes, and opaque connections run on until they end or the
 //! grace period does.
 
 mod conn;
@@ -118,7 +120,7 @@ impl Server {
         &self,
         mut stream: TcpStream,
         accept: Accept,
-        mut drain: watch::Receiver<bool>,
+        drain: watch::Receiver<bool>,
     ) -> Result<(), Error> {
         let g = self.metrics.global();
         let mut buf = BytesMut::new();
@@ -126,28 +128,25 @@ impl Server {
             Detected::Opaque
         } else {
             let limit = self.cfg.max_header_bytes;
-            let detect = detect::detect(&mut stream, &mut buf, self.cfg.detect_timeout, limit);
-            tokio::select! {
-                d = detect => match d {
-                    Ok(d) => d,
-                    Err(DetectError::Timeout(t)) => {
-                        g.detect_timeouts.incr();
-                        tracing::info!(timeout = ?t, "closing a client that sent nothing to detect");
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e.into()),
-                },
-                _ = drain.changed() => return Ok(()),
+            // Not cut short by a drain: a new connection's first request may already be
+            // on its way, and a client does not retry a request that failed on a fresh
+            // connection. The detection timeout bounds a silent one.
+            match detect::detect(&mut stream, &mut buf, self.cfg.detect_timeout, limit).await {
+                Ok(d) => d,
+                Err(DetectError::Timeout(t)) => {
+                    g.detect_timeouts.incr();
+                    tracing::info!(timeout = ?t, "closing a client that sent nothing to detect");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
             }
         };
         match detected {
             Detected::Http1 => {
                 g.connections_http1.incr();
-                let checked = tokio::select! {
-                    checked = self.check_first_head(&mut stream, &mut buf) => checked,
-                    // Shutting down before the first request is even complete: close.
-                    _ = drain.changed() => return Ok(()),
-                };
+                // The first request is answered even when a drain begins meanwhile
+                // (the header read timeout bounds it); the connection closes after it.
+                let checked = self.check_first_head(&mut stream, &mut buf).await;
                 if let Err(reject) = checked {
                     g.bad_requests.incr();
                     tracing::info!(status = reject.status, reason = %reject.reason, "rejecting malformed request");
