@@ -113,7 +113,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tokio::time::sleep(delay).await;
         }
     }
-    state.draining.store(true, Ordering::Release);
     let _ = drain.send(true);
     let _ = accept.await;
     // Every connection task holds a receiver: `closed` resolves when the last ends.

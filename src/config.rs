@@ -12,7 +12,7 @@ use baton_discovery::{
 };
 use baton_layers::{
     balance::HttpHashKey,
-    handoff::wire::Key,
+    handoff::{tables, wire::Key},
     route::{self, Match},
     target::{Lb, Logical, Protocol, UpstreamProtocol, LOCAL},
 };
@@ -999,16 +999,10 @@ fn default_service_address(strings: &impl Strings) -> Result<IpAddr, String> {
             .parse()
             .map_err(|_| format!("POD_IP={ip:?} is not an IP address"));
     }
-    let interface = baton_layers::handoff::tables::default_interface()?;
-    let out = std::process::Command::new("ip")
-        .args(["-o", "-4", "addr", "show", "dev", &interface])
-        .output()
-        .map_err(|e| format!("cannot run `ip`: {e}"))?;
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|cidr| cidr.split('/').next()?.parse().ok())
+    let interface = tables::default_interface()?;
+    tables::interface_addrs(&interface)?
+        .first()
+        .map(|a| a.addr().into())
         .ok_or_else(|| format!("{interface} has no IPv4 address"))
 }
 

@@ -159,8 +159,8 @@ pub fn cleanup() -> Result<(), String> {
 /// The capture is IPv4 only: TCP to a global IPv6 address of the pod reaches the
 /// application without baton. Say so loudly where that can happen.
 fn warn_ipv6() {
-    let global = run("ip", &["-6", "-o", "addr", "show", "scope", "global"], None)
-        .unwrap_or_default();
+    let global =
+        run("ip", &["-6", "-o", "addr", "show", "scope", "global"], None).unwrap_or_default();
     let addrs: Vec<&str> = global
         .lines()
         .filter_map(|l| {

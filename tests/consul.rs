@@ -24,6 +24,20 @@ fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
+/// A test upstream named `PREFIX-PID-N`.
+async fn instance(prefix: &str) -> Upstream {
+    Upstream::start(leak(unique_name(prefix)), Behaviour::default()).await
+}
+
+/// Consul (the test server, or the agent `CONSUL_HTTP_ADDR` names), a client of it, a
+/// relay in front of it for baton, and a service name unique to this run.
+async fn setup(prefix: &str) -> (ConsulUnderTest, ConsulApi, ConsulRelay, String) {
+    let consul = ConsulUnderTest::start().await;
+    let api = consul.api();
+    let relay = ConsulRelay::start(&consul.agent_url).await;
+    (consul, api, relay, unique_name(prefix))
+}
+
 /// Registers `up` as an instance of `service` with a TTL check that starts passing.
 async fn register(api: &ConsulApi, service: &str, up: &Upstream, extra: serde_json::Value) {
     let mut body = json!({
@@ -96,17 +110,14 @@ fn only(names: &[&str]) -> impl Fn(&[String]) -> bool {
 
 #[tokio::test]
 async fn instances_appear_and_disappear_and_traffic_follows() {
-    let consul = ConsulUnderTest::start().await;
-    let api = consul.api();
-    let relay = ConsulRelay::start(&consul.agent_url).await;
-    let service = unique_name("appear");
+    let (consul, api, relay, service) = setup("appear").await;
     let baton = baton_for(&service, &relay, &consul, &[]).await;
 
     // Known to nobody yet: resolved (ready) but empty, so 503.
     let (status, _, body) = get(baton.addr, "/").await;
     assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
 
-    let a = Upstream::start(leak(unique_name("a")), Behaviour::default()).await;
+    let a = instance("a").await;
     let b = Upstream::start(
         leak(unique_name("b")),
         Behaviour {
@@ -161,12 +172,9 @@ async fn instances_appear_and_disappear_and_traffic_follows() {
 
 #[tokio::test]
 async fn a_check_turning_critical_removes_the_instance() {
-    let consul = ConsulUnderTest::start().await;
-    let api = consul.api();
-    let relay = ConsulRelay::start(&consul.agent_url).await;
-    let service = unique_name("critical");
-    let a = Upstream::start(leak(unique_name("a")), Behaviour::default()).await;
-    let b = Upstream::start(leak(unique_name("b")), Behaviour::default()).await;
+    let (consul, api, relay, service) = setup("critical").await;
+    let a = instance("a").await;
+    let b = instance("b").await;
     register(&api, &service, &a, json!({})).await;
     register(&api, &service, &b, json!({})).await;
     let baton = baton_for(&service, &relay, &consul, &[]).await;
@@ -186,12 +194,9 @@ async fn a_check_turning_critical_removes_the_instance() {
 
 #[tokio::test]
 async fn metadata_and_weights_reach_the_balancer() {
-    let consul = ConsulUnderTest::start().await;
-    let api = consul.api();
-    let relay = ConsulRelay::start(&consul.agent_url).await;
-    let service = unique_name("weights");
-    let a = Upstream::start(leak(unique_name("a")), Behaviour::default()).await;
-    let b = Upstream::start(leak(unique_name("b")), Behaviour::default()).await;
+    let (consul, api, relay, service) = setup("weights").await;
+    let a = instance("a").await;
+    let b = instance("b").await;
     register(
         &api,
         &service,
@@ -221,11 +226,8 @@ async fn metadata_and_weights_reach_the_balancer() {
 
 #[tokio::test]
 async fn index_going_backwards_restarts_the_watch() {
-    let consul = ConsulUnderTest::start().await;
-    let api = consul.api();
-    let relay = ConsulRelay::start(&consul.agent_url).await;
-    let service = unique_name("reset");
-    let a = Upstream::start(leak(unique_name("a")), Behaviour::default()).await;
+    let (consul, api, relay, service) = setup("reset").await;
+    let a = instance("a").await;
     register(&api, &service, &a, json!({})).await;
     let baton = baton_for(&service, &relay, &consul, &[]).await;
     until_routed(&baton, 2, only(&[a.name])).await;
@@ -235,7 +237,7 @@ async fn index_going_backwards_restarts_the_watch() {
     relay.clear_requests();
     relay.set_index_shift(index - 1);
     // Wake the blocking query with a change.
-    let b = Upstream::start(leak(unique_name("b")), Behaviour::default()).await;
+    let b = instance("b").await;
     register(&api, &service, &b, json!({})).await;
     until_routed(&baton, 4, only(&[a.name, b.name])).await;
     // The answer with the lower index made baton start over with a full read (no
@@ -320,12 +322,9 @@ fn load(
 
 #[tokio::test]
 async fn consul_down_for_ten_seconds_under_load_fails_nothing() {
-    let consul = ConsulUnderTest::start().await;
-    let api = consul.api();
-    let relay = ConsulRelay::start(&consul.agent_url).await;
-    let service = unique_name("outage");
-    let a = Upstream::start(leak(unique_name("a")), Behaviour::default()).await;
-    let b = Upstream::start(leak(unique_name("b")), Behaviour::default()).await;
+    let (consul, api, relay, service) = setup("outage").await;
+    let a = instance("a").await;
+    let b = instance("b").await;
     register(&api, &service, &a, json!({})).await;
     register(&api, &service, &b, json!({})).await;
     let baton = baton_for(&service, &relay, &consul, &[]).await;
@@ -373,7 +372,7 @@ async fn consul_down_for_ten_seconds_under_load_fails_nothing() {
     })
     .await;
     // Watching again: a change made after the outage arrives.
-    let c = Upstream::start(leak(unique_name("c")), Behaviour::default()).await;
+    let c = instance("c").await;
     register(&api, &service, &c, json!({})).await;
     until_routed(&baton, 6, only(&[a.name, b.name, c.name])).await;
     assert!(
@@ -388,15 +387,12 @@ async fn consul_down_for_ten_seconds_under_load_fails_nothing() {
 
 #[tokio::test]
 async fn churn_under_load_fails_no_request() {
-    let consul = ConsulUnderTest::start().await;
-    let api = consul.api();
-    let relay = ConsulRelay::start(&consul.agent_url).await;
-    let service = unique_name("churn");
-    let a = Upstream::start(leak(unique_name("a")), Behaviour::default()).await;
-    let b = Upstream::start(leak(unique_name("b")), Behaviour::default()).await;
+    let (consul, api, relay, service) = setup("churn").await;
+    let a = instance("a").await;
+    let b = instance("b").await;
     // The churning instance is healthy while registered: every request it gets must
     // succeed too, including those in flight when it leaves.
-    let c = Upstream::start(leak(unique_name("c")), Behaviour::default()).await;
+    let c = instance("c").await;
     register(&api, &service, &a, json!({})).await;
     register(&api, &service, &b, json!({})).await;
     let baton = baton_for(&service, &relay, &consul, &[("BATON_LB", "p2c")]).await;
@@ -453,7 +449,7 @@ async fn the_acl_token_goes_in_x_consul_token() {
     let api = ConsulApi::new(&consul.agent_url, Some(token.clone()));
     let relay = ConsulRelay::start(&consul.agent_url).await;
     let service = unique_name("acl");
-    let a = Upstream::start(leak(unique_name("a")), Behaviour::default()).await;
+    let a = instance("a").await;
     register(&api, &service, &a, json!({})).await;
     let routes = format!("*={service}");
     let url = relay.url();
@@ -529,6 +525,23 @@ fn registering(
     env
 }
 
+/// Starts a baton that registers itself as `service` (see [`registering`]) and waits
+/// until the agent has it: the baton, its peer upstream, its ID and the agent's record.
+async fn start_registering(
+    service: &str,
+    relay: &ConsulRelay,
+    consul: &ConsulUnderTest,
+    api: &ConsulApi,
+) -> (Baton, Upstream, String, serde_json::Value) {
+    let peer = instance("peer").await;
+    let env = registering(service, &peer, relay, consul);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let baton = Baton::start(&env).await;
+    let id = format!("{service}-1");
+    let registered = until("the registration", async || api.agent_service(&id).await).await;
+    (baton, peer, id, registered)
+}
+
 async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -545,17 +558,9 @@ async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
 
 #[tokio::test]
 async fn registers_on_start_and_deregisters_before_draining() {
-    let consul = ConsulUnderTest::start().await;
-    let api = consul.api();
-    let relay = ConsulRelay::start(&consul.agent_url).await;
-    let service = unique_name("reg");
-    let peer = Upstream::start(leak(unique_name("peer")), Behaviour::default()).await;
-    let env = registering(&service, &peer, &relay, &consul);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut baton = Baton::start(&env).await;
-    let id = format!("{service}-1");
-
-    let registered = until("the registration", async || api.agent_service(&id).await).await;
+    let (consul, api, relay, service) = setup("reg").await;
+    let (mut baton, _peer, id, registered) =
+        start_registering(&service, &relay, &consul, &api).await;
     assert_eq!(registered["Service"], service.as_str());
     assert_eq!(registered["Port"], baton.addr.port());
     assert_eq!(registered["Address"], "127.0.0.1");
@@ -621,16 +626,8 @@ async fn registers_on_start_and_deregisters_before_draining() {
 
 #[tokio::test]
 async fn registers_again_when_the_agent_loses_it() {
-    let consul = ConsulUnderTest::start().await;
-    let api = consul.api();
-    let relay = ConsulRelay::start(&consul.agent_url).await;
-    let service = unique_name("rereg");
-    let peer = Upstream::start(leak(unique_name("peer")), Behaviour::default()).await;
-    let env = registering(&service, &peer, &relay, &consul);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let _baton = Baton::start(&env).await;
-    let id = format!("{service}-1");
-    until("the registration", async || api.agent_service(&id).await).await;
+    let (consul, api, relay, service) = setup("rereg").await;
+    let (_baton, _peer, id, _) = start_registering(&service, &relay, &consul, &api).await;
 
     // Someone (or an agent that restarted without its state) removes it.
     api.deregister(&id).await;
@@ -663,16 +660,8 @@ async fn registers_again_when_the_agent_loses_it() {
 
 #[tokio::test]
 async fn post_drain_leaves_consul_and_keeps_serving_until_sigterm() {
-    let consul = ConsulUnderTest::start().await;
-    let api = consul.api();
-    let relay = ConsulRelay::start(&consul.agent_url).await;
-    let service = unique_name("drain");
-    let peer = Upstream::start(leak(unique_name("peer")), Behaviour::default()).await;
-    let env = registering(&service, &peer, &relay, &consul);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut baton = Baton::start(&env).await;
-    let id = format!("{service}-1");
-    until("the registration", async || api.agent_service(&id).await).await;
+    let (consul, api, relay, service) = setup("drain").await;
+    let (mut baton, _peer, id, _) = start_registering(&service, &relay, &consul, &api).await;
 
     let (status, _, _) = get(baton.admin, "/drain").await;
     assert_eq!(status, 405, "GET does not drain");

@@ -46,6 +46,11 @@ pub enum Error {
     /// A success whose body is not what the API documents.
     #[error("cannot decode Consul's answer: {0}")]
     Decode(#[from] serde_json::Error),
+    /// A blocking-query answer without a valid `X-Consul-Index`.
+    #[error(
+        "Consul's answer has no valid X-Consul-Index header (a proxy in between dropping it?)"
+    )]
+    MissingIndex,
 }
 
 impl Error {

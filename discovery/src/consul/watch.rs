@@ -102,11 +102,7 @@ pub async fn health_service(
         .success()?;
     // Without the index the loop could not block: something between baton and Consul
     // strips headers. Treated as a failure (backoff), not as an index going backwards.
-    let index = rsp.index().ok_or_else(|| Error::Status {
-        status: rsp.status,
-        body: "the answer has no valid X-Consul-Index header (a proxy in between dropping it?)"
-            .into(),
-    })?;
+    let index = rsp.index().ok_or(Error::MissingIndex)?;
     // Entry by entry: one malformed instance must not hide the others.
     let entries: Option<Vec<serde_json::Value>> = serde_json::from_slice(&rsp.body)?;
     let entries = entries

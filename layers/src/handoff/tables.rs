@@ -119,21 +119,29 @@ pub fn default_interface() -> Result<String, String> {
         .ok_or_else(|| "no IPv4 default route".to_string())
 }
 
-/// The IPv4 networks of `interface`.
-pub fn interface_nets(interface: &str) -> Result<Vec<Ipv4Net>, String> {
+/// The IPv4 addresses of `interface`, with their prefix lengths, in `ip`'s order.
+pub fn interface_addrs(interface: &str) -> Result<Vec<Ipv4Net>, String> {
     let out = run("ip", &["-o", "-4", "addr", "show", "dev", interface], None)?;
-    let nets: Vec<Ipv4Net> = out
+    let addrs: Vec<Ipv4Net> = out
         .lines()
         .filter_map(|l| {
             let mut words = l.split_whitespace();
             words.find(|w| *w == "inet")?;
-            words.next()?.parse::<Ipv4Net>().ok().map(|n| n.trunc())
+            words.next()?.parse::<Ipv4Net>().ok()
         })
         .collect();
-    if nets.is_empty() {
+    if addrs.is_empty() {
         return Err(format!("{interface} has no IPv4 address"));
     }
-    Ok(nets)
+    Ok(addrs)
+}
+
+/// The IPv4 networks of `interface`.
+pub fn interface_nets(interface: &str) -> Result<Vec<Ipv4Net>, String> {
+    Ok(interface_addrs(interface)?
+        .into_iter()
+        .map(|n| n.trunc())
+        .collect())
 }
 
 #[cfg(test)]
