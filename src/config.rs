@@ -179,6 +179,9 @@ vars! {
     BATON_CAPTURE_PORTS = DEFAULT_CAPTURE_PORTS: "";
     /// `baton init`: ports never captured (baton's own ports always are not).
     BATON_CAPTURE_EXCLUDE_PORTS = DEFAULT_CAPTURE_EXCLUDE_PORTS: "";
+    /// `baton init`: new connections to captured ports while baton is not listening:
+    /// `closed` (dropped, the client retries) or `open` (reach the app directly).
+    BATON_CAPTURE_FAIL = DEFAULT_CAPTURE_FAIL: "closed";
     /// Connection handoff: `off` or `on`.
     BATON_HANDOFF = DEFAULT_HANDOFF: "off";
     /// Services whose requests may be handed off, `a,b` (empty: all).
@@ -679,6 +682,22 @@ pub struct CaptureConfig {
     /// Ports never captured: the configured ones plus baton's own (inbound, admin,
     /// handoff receiver), sorted.
     pub exclude: Vec<u16>,
+    /// What happens to a new connection on a captured port while no baton listens.
+    pub fail: CaptureFail,
+}
+
+/// What the capture does with a new connection while baton is not listening
+/// (`BATON_CAPTURE_FAIL`): between a sidecar's crash or restart and its listener
+/// coming back, the `tproxy` rule finds no socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureFail {
+    /// Drop the connection's SYN: nothing reaches the app without baton, and the
+    /// client's TCP retransmits the SYN (after 1 s, 3 s, ...), so a restart that comes
+    /// back within the client's connect timeout costs it a delay, not an error.
+    Closed,
+    /// Let it through to the app directly, bypassing baton (no metrics, no
+    /// `X-Forwarded-For`): availability over consistency.
+    Open,
 }
 
 fn port_list(s: &str) -> Result<Vec<u16>, String> {
@@ -711,6 +730,11 @@ impl CaptureConfig {
             DEFAULT_CAPTURE_EXCLUDE_PORTS,
             port_list,
         );
+        let fail = p.var(BATON_CAPTURE_FAIL, DEFAULT_CAPTURE_FAIL, |s| match s {
+            "closed" => Ok(CaptureFail::Closed),
+            "open" => Ok(CaptureFail::Open),
+            _ => Err("expected closed or open".into()),
+        });
         if let Some(SocketAddr::V6(_)) = inbound {
             let value = p.raw(BATON_INBOUND_ADDR).unwrap_or_default();
             p.fail(
@@ -737,6 +761,7 @@ impl CaptureConfig {
             inbound,
             ports: (!ports.is_empty()).then_some(ports),
             exclude,
+            fail: fail.ok_or_else(missing)?,
         })
     }
 }

@@ -9,7 +9,10 @@
 //!   transparent sockets) are marked for local delivery and skip everything else; then
 //!   TCP to the pod's own addresses (`fib daddr type local`) on the captured ports,
 //!   minus the excluded ones and baton's own (inbound, admin, handoff), goes to baton's
-//!   inbound listener with `tproxy` and the mark;
+//!   inbound listener with `tproxy` and the mark; with `BATON_CAPTURE_FAIL=closed`
+//!   (the default) a new connection that finds no baton listening (a restart, a
+//!   crash) has its SYN dropped, so nothing reaches the app around baton and the
+//!   client's retransmitted SYN lands once baton is back; `open` lets it through;
 //! - policy routing for the mark: `ip rule fwmark MARK lookup TABLE` and a `local`
 //!   default route in that table, which delivers the marked packets to the local
 //!   socket.
@@ -17,9 +20,11 @@
 //! Mark, table and rule priority are distinct from the handoff's (`netdev baton`, mark
 //! 0x10000, table/priority 15010), so both coexist. Re-running replaces the table in
 //! one nft transaction and leaves an existing rule alone; `--cleanup` removes exactly
-//! the table, the rule and the route; `--dry-run` prints all of it. IPv4 only.
+//! the table, the rule and the route (tagged with baton's routing protocol number, so an
+//! identical rule or route of someone else's survives); `--dry-run` prints all of it.
+//! IPv4 only.
 
-use crate::config::{CaptureConfig, ConfigError, Strings};
+use crate::config::{CaptureConfig, CaptureFail, ConfigError, Strings};
 use baton_layers::handoff::tables::run;
 use std::{fmt::Write, process::ExitCode};
 
@@ -70,16 +75,27 @@ table inet {TABLE} {{
 \t\ttcp dport {{ {exclude} }} return
 {only}\t\tfib daddr type != local return
 \t\tmeta l4proto tcp tproxy ip to {target}:{port} meta mark set meta mark | {MARK:#x} accept
-\t}}
+{fail}\t}}
 }}
 ",
         exclude = ports(&c.exclude),
         port = c.inbound.port(),
+        fail = match c.fail {
+            // tproxy found no listener (baton is restarting or gone), so the rule above
+            // stopped: a new connection's SYN ends here and the client retransmits it.
+            // Other packets (replies to the pod's own connections) go on untouched.
+            CaptureFail::Closed => "\t\t# no baton listening: drop new connections (their clients retry)\n\t\ttcp flags & (syn | ack) == syn drop\n",
+            CaptureFail::Open => "\t\t# no baton listening: new connections reach the app directly\n",
+        },
     )
 }
 
-/// `ip -4 rule VERB` with baton's selector: the exact rule, never another at the same
-/// priority.
+/// The routing protocol number baton tags its policy rule and route with (not a
+/// registered `RTPROT_*` value), so `--cleanup` removes exactly what `install` added,
+/// never an identical rule or route someone else made.
+pub const RT_PROTO: u8 = 151;
+
+/// `ip -4 rule VERB` of baton's rule: its selector, table, priority and protocol.
 fn rule_args(verb: &str) -> Vec<String> {
     [
         "-4",
@@ -91,6 +107,8 @@ fn rule_args(verb: &str) -> Vec<String> {
         &ROUTE_TABLE.to_string(),
         "pref",
         &ROUTE_TABLE.to_string(),
+        "protocol",
+        &RT_PROTO.to_string(),
     ]
     .map(String::from)
     .to_vec()
@@ -108,6 +126,8 @@ fn route_args(verb: &str) -> Vec<String> {
         "lo",
         "table",
         &ROUTE_TABLE.to_string(),
+        "proto",
+        &RT_PROTO.to_string(),
     ]
     .map(String::from)
     .to_vec()
@@ -118,17 +138,29 @@ fn ip(args: &[String]) -> Result<String, String> {
     run("ip", &args, None)
 }
 
+/// Whether baton's rule (with its protocol tag) is installed. `ip rule show` cannot
+/// filter by protocol, so the lines are read.
 fn rule_present() -> Result<bool, String> {
-    Ok(!ip(&rule_args("show"))?.trim().is_empty())
+    let ours = format!("from all fwmark {MARK:#x}/{MARK:#x} lookup {ROUTE_TABLE} proto {RT_PROTO}");
+    let rules = ip(&["-4", "rule", "show"].map(String::from))?;
+    Ok(rules.lines().any(|l| {
+        l.split_once(':')
+            .is_some_and(|(pref, rule)| pref == ROUTE_TABLE.to_string() && rule.trim() == ours)
+    }))
 }
 
-fn route_present() -> bool {
+/// Whether table [`ROUTE_TABLE`] has a local default route; `proto`: only baton's.
+fn route_present(proto: Option<u8>) -> bool {
     let table = ROUTE_TABLE.to_string();
-    ip(&[
+    let mut args: Vec<String> = [
         "-4", "route", "show", "table", &table, "type", "local", "dev", "lo",
     ]
-    .map(String::from))
-    .is_ok_and(|out| out.lines().any(|l| l.starts_with("local default")))
+    .map(String::from)
+    .to_vec();
+    if let Some(proto) = proto {
+        args.extend(["proto".to_string(), proto.to_string()]);
+    }
+    ip(&args).is_ok_and(|out| out.lines().any(|l| l.starts_with("local default")))
 }
 
 /// Installs the capture rules (idempotent).
@@ -137,12 +169,16 @@ pub fn install(c: &CaptureConfig) -> Result<(), String> {
     if !rule_present()? {
         ip(&rule_args("add"))?;
     }
-    ip(&route_args("replace"))?;
+    // One local default route per table: an existing one (anyone's) already delivers.
+    if !route_present(None) {
+        ip(&route_args("add"))?;
+    }
     Ok(())
 }
 
 /// Removes exactly what [`install`] adds (whatever of it is there), nothing else: not
-/// another rule at the same priority, not another route in the table.
+/// another rule at the same priority, not another route in the table, not an identical
+/// rule or route that was there before (only those with baton's protocol tag).
 pub fn cleanup() -> Result<(), String> {
     if run("nft", &["list", "table", "inet", TABLE], None).is_ok() {
         run("nft", &["delete", "table", "inet", TABLE], None)?;
@@ -150,7 +186,7 @@ pub fn cleanup() -> Result<(), String> {
     while rule_present()? {
         ip(&rule_args("del"))?;
     }
-    if route_present() {
+    if route_present(Some(RT_PROTO)) {
         ip(&route_args("del"))?;
     }
     Ok(())
@@ -180,10 +216,10 @@ fn warn_ipv6() {
 /// Everything `install` does, as text.
 pub fn describe(c: &CaptureConfig) -> String {
     format!(
-        "# nft -f - <<'EOF'\n{}# EOF\nip {}   # unless this rule exists\nip {}\n",
+        "# nft -f - <<'EOF'\n{}# EOF\nip {}   # unless this rule exists\nip {}   # unless the table has a local default route\n",
         ruleset(c),
         rule_args("add").join(" "),
-        route_args("replace").join(" ")
+        route_args("add").join(" ")
     )
 }
 
@@ -266,7 +302,26 @@ mod tests {
         let r = ruleset(&c);
         assert!(r.contains("tcp dport != { 8080, 8443 } return"), "{r}");
         assert!(r.contains("tproxy ip to 10.1.2.3:16000"), "{r}");
-        assert!(describe(&c).contains("fwmark 0x20000/0x20000 lookup 15006 pref 15006"));
+        assert!(
+            describe(&c).contains("fwmark 0x20000/0x20000 lookup 15006 pref 15006 protocol 151")
+        );
+    }
+
+    #[test]
+    fn a_closed_capture_drops_new_connections_only_when_tproxy_found_no_listener() {
+        let r = ruleset(&config(&[]));
+        let drop = r.find("tcp flags & (syn | ack) == syn drop").expect(&r);
+        // After the tproxy rule, which accepts whatever it delivers to baton.
+        assert!(r.find("tproxy ip to").unwrap() < drop, "{r}");
+        assert_eq!(r.lines().filter(|l| l.ends_with(" drop")).count(), 1, "{r}");
+
+        let r = ruleset(&config(&[("BATON_CAPTURE_FAIL", "open")]));
+        assert!(!r.lines().any(|l| l.ends_with(" drop")), "{r}");
+
+        let map: HashMap<&str, &str> = [("BATON_CAPTURE_FAIL", "shut")].into();
+        let err = CaptureConfig::from_strings(&map).unwrap_err();
+        assert_eq!(err.0[0].name, "BATON_CAPTURE_FAIL");
+        assert!(err.0[0].expected.contains("closed or open"));
     }
 
     #[test]

@@ -99,9 +99,10 @@ pub async fn accept_loop(
             }
         }
     }
-    // Their receivers have seen the signal already: a connection accepted before it
-    // and still without a request is closed by it, these get their request answered
-    // first (and are closed after it, as draining connections are).
+    // The connections still in the listen backlog: like every connection accepted
+    // before the signal, each gets its first request answered and is then closed, as
+    // draining connections are (see serve.rs), instead of being reset with the
+    // listener.
     // Straight from the socket: the runtime may not know yet that the listener is
     // readable (and would not even try), the kernel does.
     let mut backlog = 0usize;

@@ -45,7 +45,28 @@ for port in (8080, 9090):
     server = ThreadingHTTPServer(("0.0.0.0", port), H)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
+# A server-speaks-first TCP protocol on :7000: a banner naming the peer, then echo.
+import socketserver
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.sendall(f"banner from {self.client_address[0]}\n".encode())
+        while data := self.request.recv(4096):
+            self.request.sendall(data)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+echo = socketserver.ThreadingTCPServer(("0.0.0.0", 7000), Echo)
+echo.daemon_threads = True
+threading.Thread(target=echo.serve_forever, daemon=True).start()
 threading.Event().wait()
+"#;
+
+/// A client of the :7000 protocol: prints the banner and the echo of `ping`.
+const ECHO_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], 7000), timeout=5)
+f = s.makefile("rb")
+banner = f.readline().decode()
+s.sendall(b"ping\n")
+print(banner + f.readline().decode(), end="")
 "#;
 
 fn start_app(bed: &Testbed) {
@@ -79,13 +100,27 @@ fn start_baton(bed: &Testbed, extra: &[(&str, &str)]) -> u32 {
     pid
 }
 
-/// `baton_requests_total` of the `local` target with status 200.
-fn captured(bed: &Testbed) -> u64 {
+/// The sum of baton's metric samples whose series starts with `series`.
+fn metric(bed: &Testbed, series: &str) -> u64 {
     let metrics = bed.must("pod", &["curl", "-s", "http://127.0.0.1:15021/metrics"]);
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix("baton_requests_total{service=\"local\",status=\"200\"} "))
-        .map_or(0, |v| v.trim().parse().unwrap())
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// `baton_requests_total` of the `local` target with status 200.
+fn captured(bed: &Testbed) -> u64 {
+    metric(
+        bed,
+        "baton_requests_total{service=\"local\",status=\"200\"} ",
+    )
+}
+
+/// `baton_requests_total` of the `local` target, every status.
+fn handled(bed: &Testbed) -> u64 {
+    metric(bed, "baton_requests_total{service=\"local\",")
 }
 
 fn app_hits(bed: &Testbed, port: u16) -> u64 {
@@ -134,9 +169,18 @@ fn inbound_tcp_is_captured_and_served_by_the_local_app() {
     assert_eq!(body, format!("app 9090 from {client} xff -\n"));
     assert_eq!(captured(&bed), 1, "not through baton");
 
-    // baton's own ports stay reachable from outside.
+    // baton's own ports stay reachable from outside and are not captured: the admin
+    // server answers, and the inbound listener, reached at its own port, is the
+    // original destination `local` refuses (it would loop) without touching the app.
     let (status, _) = bed.curl("client", &format!("http://{pod}:15021/live"));
     assert_eq!(status, 200);
+    let (status, body) = bed.curl("client", &format!("http://{pod}:15006/own"));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        app_hits(&bed, 8080),
+        1,
+        "the app saw only the captured request"
+    );
 
     // Keep-alive: several requests on one captured connection.
     let out = bed.must(
@@ -259,6 +303,26 @@ fn the_capture_coexists_with_rules_already_there() {
     assert_eq!(kernel_state(&bed), before);
 }
 
+/// `curl` from `host` with a 15 s budget (a SYN dropped while baton restarts is
+/// retransmitted after 1 s and 3 s): (status, body), status 0 when it failed.
+fn curl_patient(bed: &Testbed, host: &str, url: &str) -> (u16, String) {
+    let out = bed.exec(
+        host,
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "15",
+            "-w",
+            "\n%{http_code}",
+            url,
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
 #[test]
 fn a_restart_under_load_finishes_every_accepted_request() {
     let Some(bed) = Testbed::new(&["client", "pod"]) else {
@@ -267,35 +331,127 @@ fn a_restart_under_load_finishes_every_accepted_request() {
     start_app(&bed);
     init(&bed, &[]);
     let baton = start_baton(&bed, &[("BATON_SHUTDOWN_GRACE", "10s")]);
-    let pod = bed.ip("pod");
+    let (pod, client) = (bed.ip("pod"), bed.ip("client"));
+    // Through baton: the app sees baton's connection from the pod's own address, with
+    // the client in x-forwarded-for (around baton it would see the client itself).
+    let via_baton = format!("app 8080 from {pod} xff {client}\n");
 
-    // Requests in flight (accepted by baton, not yet answered by the app) when baton
-    // gets SIGTERM: the drain finishes every one of them.
-    let results = std::thread::scope(|s| {
-        let inflight: Vec<_> = (0..8)
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (slow, load) = std::thread::scope(|s| {
+        // Requests baton accepted and the app has not answered yet when SIGTERM comes.
+        let slow: Vec<_> = (0..8)
             .map(|i| {
                 let (bed, url) = (&bed, format!("http://{pod}:8080/slow/1500?{i}"));
-                s.spawn(move || bed.curl("client", &url))
+                s.spawn(move || curl_patient(bed, "client", &url))
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(500));
+        // And new connections all the way through the restart, two at a time.
+        let load: Vec<_> = (0..2)
+            .map(|t| {
+                let (bed, stop, pod) = (&bed, &stop, &pod);
+                s.spawn(move || {
+                    let mut results = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let url = format!("http://{pod}:8080/load?{t}-{i}");
+                        results.push(curl_patient(bed, "client", &url));
+                        i += 1;
+                    }
+                    results
+                })
+            })
+            .collect();
+        // Wait until baton holds every slow request (the app counts them on answering,
+        // so read baton's gauge of open connections: the 8 plus the load's).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while open_connections(&bed) < 8 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "slow requests never arrived"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         bed.signal(baton, "TERM");
-        inflight
-            .into_iter()
-            .map(|t| t.join().unwrap())
-            .collect::<Vec<_>>()
+        assert_eq!(bed.wait_exit(baton, Duration::from_secs(15)), Some(0));
+        // A gap with no baton listening, then a new one picks the traffic up.
+        std::thread::sleep(Duration::from_millis(300));
+        start_baton(&bed, &[]);
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let slow: Vec<_> = slow.into_iter().map(|t| t.join().unwrap()).collect();
+        let load: Vec<_> = load.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        (slow, load)
     });
-    for (status, body) in &results {
-        assert_eq!(*status, 200, "{body}");
-        assert!(body.starts_with("app 8080"), "{body}");
+    for (status, body) in &slow {
+        assert_eq!((*status, body.as_str()), (200, via_baton.as_str()));
     }
-    assert_eq!(bed.wait_exit(baton, Duration::from_secs(15)), Some(0));
+    // Every connection, also those whose SYN came while no baton listened, was served
+    // through a baton: none was lost, none reached the app around it.
+    assert!(load.len() >= 4, "load ran through the restart: {load:?}");
+    for (status, body) in &load {
+        assert_eq!((*status, body.as_str()), (200, via_baton.as_str()));
+    }
+    assert_eq!(
+        app_hits(&bed, 8080),
+        (slow.len() + load.len()) as u64,
+        "the app served each request once"
+    );
+}
 
-    // The rules stay; a new baton picks the traffic up again.
+/// `baton_open_connections` (client connections baton holds).
+fn open_connections(bed: &Testbed) -> u64 {
+    metric(bed, "baton_open_connections ")
+}
+
+#[test]
+fn without_baton_new_connections_wait_or_bypass_as_configured() {
+    let Some(bed) = Testbed::new(&["client", "pod"]) else {
+        return;
+    };
+    start_app(&bed);
+    let (pod, client) = (bed.ip("pod"), bed.ip("client"));
+    let url = format!("http://{pod}:8080/nobaton");
+
+    // Closed (the default): no baton listening, the SYN is dropped — the connection
+    // neither reaches the app nor is refused; it times out.
+    init(&bed, &[]);
+    let out = bed.exec(
+        "client",
+        &[
+            "curl",
+            "-s",
+            "--connect-timeout",
+            "2",
+            "-w",
+            "%{http_code}",
+            &url,
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(28),
+        "curl timed out connecting: {out:?}"
+    );
+    assert_eq!(
+        app_hits(&bed, 8080),
+        0,
+        "nothing reached the app around baton"
+    );
+
+    // Open: it reaches the app directly.
+    init_with(&bed, "BATON_CAPTURE_FAIL=open", &[]);
+    let (status, body) = bed.curl("client", &url);
+    assert_eq!(
+        (status, body),
+        (200, format!("app 8080 from {client} xff -\n"))
+    );
+    // And with baton back, it goes through baton again.
     start_baton(&bed, &[]);
-    let (status, _) = bed.curl("client", &format!("http://{pod}:8080/again"));
-    assert_eq!(status, 200);
-    assert_eq!(captured(&bed), 1);
+    let (status, body) = bed.curl("client", &url);
+    assert_eq!(
+        (status, body),
+        (200, format!("app 8080 from {pod} xff {client}\n"))
+    );
 }
 
 #[test]
@@ -330,18 +486,23 @@ fn capture_and_handoff_tables_coexist() {
     let (status, body) = bed.curl("client", &format!("http://{pod}:8080/x"));
     assert_eq!(status, 200, "{body}");
     assert_eq!(captured(&bed), 1);
-    let before = captured(&bed);
-    let _ = bed.exec(
+    // Were it captured, baton would answer it as route target `local` for one of its
+    // own ports: an HTTP 503 with x-baton-error. The receiver itself speaks no HTTP.
+    let before = handled(&bed);
+    let out = bed.exec(
         "client",
         &[
             "curl",
             "-s",
+            "-i",
             "--max-time",
             "2",
             &format!("http://{pod}:15010/"),
         ],
     );
-    assert_eq!(captured(&bed), before, "the handoff port is not captured");
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(!reply.contains("x-baton-error"), "{reply}");
+    assert_eq!(handled(&bed), before, "the handoff port is not captured");
 
     // Cleanup removes the capture only.
     init(&bed, &["--cleanup"]);
@@ -428,4 +589,23 @@ fn only_the_listed_ports_are_captured() {
         (200, format!("app 9090 from {client} xff -\n"))
     );
     assert_eq!(captured(&bed), 1);
+}
+
+#[test]
+fn opaque_tcp_is_captured_and_relayed_to_the_local_app() {
+    let Some(bed) = Testbed::new(&["client", "pod"]) else {
+        return;
+    };
+    start_app(&bed);
+    init(&bed, &[]);
+    // The server speaks first: baton must not wait to detect a protocol on this port.
+    start_baton(&bed, &[("BATON_OPAQUE_PORTS", "7000")]);
+    let pod = bed.ip("pod");
+    let out = bed.must("client", &["python3", "-c", ECHO_CLIENT, &pod]);
+    // Through baton: the app's peer is baton, at the pod's own address.
+    assert_eq!(out, format!("banner from {pod}\nping\n"));
+    assert_eq!(
+        metric(&bed, "baton_connections_total{protocol=\"opaque\"} "),
+        1
+    );
 }

@@ -451,6 +451,10 @@ fn check_baton(pod: &Pod, c: &Value, env: &[(String, Var)], readme: &str) {
         );
         stop += duration(env, "BATON_SERVICE_DEREGISTER_DELAY", "2s");
     }
+    // The app's preStop hook runs (and sleeps) before any container gets SIGTERM, and
+    // Kubernetes stops a native sidecar only after the app: all of it comes out of the
+    // same grace period.
+    stop += prestop_sleep(pod.spec);
     let period = pod.spec["terminationGracePeriodSeconds"]
         .as_u64()
         .unwrap_or(30);
@@ -700,4 +704,34 @@ fn ci_installs_the_tools_these_tests_use() {
         ci.contains("export CI=1"),
         ".ci/run must make missing tools fail"
     );
+}
+
+/// The longest `preStop` sleep of the pod's containers: a `sleep` action, or `sleep N`
+/// in an exec hook.
+fn prestop_sleep(spec: &Value) -> Duration {
+    let containers = ["containers", "initContainers"]
+        .iter()
+        .filter_map(|k| spec[*k].as_array())
+        .flatten();
+    containers
+        .map(|c| {
+            let hook = &c["lifecycle"]["preStop"];
+            let action = hook["sleep"]["seconds"].as_u64().unwrap_or(0);
+            let words: Vec<&str> = hook["exec"]["command"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .flat_map(|w| w.split(|c: char| c.is_whitespace() || c == ';'))
+                .collect();
+            let exec = words
+                .windows(2)
+                .filter(|w| w[0] == "sleep")
+                .filter_map(|w| w[1].parse::<u64>().ok())
+                .max()
+                .unwrap_or(0);
+            Duration::from_secs(action.max(exec))
+        })
+        .max()
+        .unwrap_or_default()
 }
