@@ -16,6 +16,9 @@ use std::{
 pub enum Body {
     /// A body streamed from a peer.
     Incoming(hyper::body::Incoming),
+    /// A response body streamed from a pooled upstream connection, which goes back to
+    /// its pool when the body has been read.
+    Pooled(crate::proxy::pool::PooledBody),
     /// A complete body held in memory (taken on first poll).
     Full(Option<Bytes>),
     /// No body.
@@ -53,6 +56,7 @@ impl http_body::Body for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             Self::Incoming(body) => Pin::new(body).poll_frame(cx),
+            Self::Pooled(body) => Pin::new(body).poll_frame(cx),
             Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Self::Empty => Poll::Ready(None),
         }
@@ -61,6 +65,7 @@ impl http_body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Incoming(body) => body.is_end_stream(),
+            Self::Pooled(body) => body.is_end_stream(),
             Self::Full(data) => data.is_none(),
             Self::Empty => true,
         }
@@ -69,6 +74,7 @@ impl http_body::Body for Body {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Incoming(body) => body.size_hint(),
+            Self::Pooled(body) => body.size_hint(),
             Self::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Self::Empty => SizeHint::with_exact(0),
         }

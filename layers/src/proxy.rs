@@ -12,4 +12,5 @@
 pub mod connect;
 pub mod headers;
 pub mod http;
+pub mod pool;
 pub mod tcp;

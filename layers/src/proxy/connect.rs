@@ -1,17 +1,8 @@
 //! Opening connections to endpoints.
 
 use crate::errors::ConnectError;
-use hyper_util::rt::TokioIo;
-use std::{
-    future::Future,
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 use tokio::net::{TcpSocket, TcpStream};
-use tower_service::Service;
 
 /// Socket settings for upstream connections.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,37 +48,6 @@ pub async fn connect(addr: SocketAddr, cfg: &ConnectConfig) -> Result<TcpStream,
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(ConnectError::from_io(addr, e)),
         Err(_) => Err(ConnectError::Timeout(addr, cfg.timeout)),
-    }
-}
-
-/// A hyper connector that always connects to one endpoint, whatever the URI says (the
-/// URI carries the request's authority, which is not where the endpoint is).
-#[derive(Clone, Debug)]
-pub struct Connector {
-    addr: SocketAddr,
-    cfg: Arc<ConnectConfig>,
-}
-
-impl Connector {
-    /// Connects to `addr` with `cfg`.
-    pub fn new(addr: SocketAddr, cfg: Arc<ConnectConfig>) -> Self {
-        Self { addr, cfg }
-    }
-}
-
-impl Service<http::Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let (addr, cfg) = (self.addr, self.cfg.clone());
-        // Once per new connection, not per request: boxing is fine here.
-        Box::pin(async move { connect(addr, &cfg).await.map(TokioIo::new) })
     }
 }
 

@@ -15,7 +15,8 @@
 //! client's (HTTP/2 in, HTTP/2 with prior knowledge out), `http1`/`http2` force one, so
 //! an HTTP/2 client can reach an HTTP/1-only application and the reverse.
 //!
-//! HTTP/1 goes through hyper-util's pooled client. HTTP/2 multiplexes every request
+//! HTTP/1 goes through the endpoint's [`H1Pool`] of keep-alive connections. HTTP/2
+//! multiplexes every request
 //! to an endpoint over one connection ([`H2Conn`]), opened on demand and replaced when
 //! it closes: a pool keyed by `:authority` would open a connection per distinct Host a
 //! client sends.
@@ -25,8 +26,9 @@
 //! request was not sent; retryable), [`UpstreamError`] otherwise.
 
 use super::{
-    connect::{connect, ConnectConfig, Connector},
+    connect::{connect, ConnectConfig},
     headers,
+    pool::H1Pool,
 };
 use crate::{
     body::Body,
@@ -38,10 +40,7 @@ use crate::{
 use arc_swap::ArcSwapOption;
 use http::{header, uri, HeaderValue, Request, Response, Uri, Version};
 use hyper::{body::Incoming, client::conn::http2};
-use hyper_util::{
-    client::legacy::{self, Client},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
 use std::{
     future::Future,
@@ -91,16 +90,12 @@ impl NewService<Endpoint> for NewHttpProxy {
     type Service = HttpProxy;
 
     fn new_service(&self, endpoint: Endpoint) -> HttpProxy {
-        let connector = Connector::new(endpoint.addr, self.cfg.connect.clone());
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(self.cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(self.cfg.pool_max_idle)
-            // baton writes Host itself (the client's), never the endpoint's address.
-            .set_host(false);
-        let h1 = builder.build(connector);
+        let h1 = H1Pool::new(
+            endpoint.addr,
+            self.cfg.connect.clone(),
+            self.cfg.pool_max_idle,
+            self.cfg.pool_idle_timeout,
+        );
         let authority = uri::Authority::try_from(endpoint.addr.to_string().as_str())
             .expect("a socket address is a valid authority");
         HttpProxy {
@@ -121,7 +116,7 @@ impl NewService<Endpoint> for NewHttpProxy {
 /// Proxies requests to one endpoint (see the module docs).
 #[derive(Clone, Debug)]
 pub struct HttpProxy {
-    h1: Client<Connector, Body>,
+    h1: Arc<H1Pool>,
     h2: Arc<H2Conn>,
     addr: SocketAddr,
     authority: uri::Authority,
@@ -174,9 +169,8 @@ impl HttpProxy {
                     parts.headers.insert(header::HOST, v);
                 }
             }
-            // The pool is keyed by the URI's authority: use the endpoint's, so all
-            // requests share one pool whatever their Host.
-            uri.authority = Some(self.authority.clone());
+            // Origin-form: hyper writes the URI as it is.
+            uri.scheme = None;
             parts.version = Version::HTTP_11;
         }
         parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
@@ -205,7 +199,7 @@ impl Service<Request<Body>> for HttpProxy {
             }
         } else {
             Inner::H1 {
-                inner: self.h1.request(req),
+                inner: Box::pin(self.h1.clone().send(req)),
             }
         };
         ResponseFuture {
@@ -227,6 +221,7 @@ pub struct H2Conn {
 }
 
 type H2Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, Error>> + Send>>;
+type H1Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>;
 
 impl H2Conn {
     /// The live connection's sender, if any.
@@ -278,7 +273,7 @@ impl H2Conn {
 pin_project! {
     #[project = InnerProj]
     enum Inner {
-        H1 { #[pin] inner: legacy::ResponseFuture },
+        H1 { inner: H1Future },
         H2 { inner: H2Future },
     }
 }
@@ -298,9 +293,11 @@ impl Future for ResponseFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result: Result<Response<Incoming>, Error> = match this.inner.project() {
-            InnerProj::H1 { inner } => ready!(inner.poll(cx)).map_err(Into::into),
-            InnerProj::H2 { inner } => ready!(inner.as_mut().poll(cx)),
+        let result: Result<Response<Body>, Error> = match this.inner.project() {
+            InnerProj::H1 { inner } => ready!(inner.as_mut().poll(cx)),
+            InnerProj::H2 { inner } => {
+                ready!(inner.as_mut().poll(cx)).map(|r| r.map(Body::Incoming))
+            }
         };
         match result {
             Ok(rsp) => {
@@ -315,7 +312,7 @@ impl Future for ResponseFuture {
                     headers::set_upgrade(&mut parts.headers, protocol);
                 }
                 parts.version = *this.downstream;
-                Poll::Ready(Ok(Response::from_parts(parts, Body::Incoming(body))))
+                Poll::Ready(Ok(Response::from_parts(parts, body)))
             }
             // Typed failures (connect errors, already-wrapped upstream errors) pass as
             // they are; anything else is the upstream's.
@@ -367,7 +364,7 @@ mod tests {
             .unwrap();
         req.extensions_mut().insert(client());
         let out = proxy(UpstreamProtocol::Auto).prepare(req);
-        assert_eq!(out.uri(), "http://10.0.0.5:8080/a?b=c");
+        assert_eq!(out.uri(), "/a?b=c");
         assert_eq!(out.headers()["host"], "web.example");
         assert!(!out.headers().contains_key("connection"));
         assert_eq!(out.headers()["x-forwarded-for"], "10.0.0.9");
