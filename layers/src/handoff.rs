@@ -148,6 +148,31 @@ impl Handoff {
     }
 }
 
+#[cfg(test)]
+impl Handoff {
+    /// A runtime for unit tests: a fresh key, loopback addresses, and a kernel table
+    /// name no test creates (its element operations fail, which the code under test
+    /// logs and survives).
+    pub(crate) fn for_tests() -> Arc<Self> {
+        let cfg = HandoffConfig {
+            key: Key::new(&[9; 32]).expect("a 32-byte key"),
+            timeout: Duration::from_millis(50),
+            listen_port: 15010,
+            default_port: 15010,
+            fe_cidrs: vec!["127.0.0.0/8".parse().expect("a network")],
+            peer_nets: vec!["127.0.0.0/8".parse().expect("a network")],
+            services: None,
+            app_addr: "127.0.0.1:8080".parse().expect("an address"),
+            tables: nft::Tables::new(
+                "baton-unit-test-absent",
+                Duration::from_secs(5),
+                Duration::from_secs(60),
+            ),
+        };
+        Self::new(cfg, Metrics::new())
+    }
+}
+
 /// Why a message could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {

@@ -3,7 +3,7 @@
 //! BE's notices ("closed", "alive").
 
 use super::{
-    read_message, repair,
+    diag, read_message, repair,
     wire::{self, Envelope, Flow, Message, Offer, Refusal},
     write_message, Handoff, ReadError,
 };
@@ -327,13 +327,44 @@ impl Handoff {
         matches!(sent, Ok(Ok(())))
     }
 
+    /// Checks that every live moved connection still has its socket (sock_diag, see
+    /// [`diag::gone`]) and treats those that do not as destroyed: what their lost
+    /// destroy notices would have done. How many were gone.
+    pub async fn sweep(&self) -> std::io::Result<usize> {
+        let flows: Vec<Flow> = self.live().keys().copied().collect();
+        if flows.is_empty() {
+            return Ok(0);
+        }
+        let gone = tokio::task::spawn_blocking(move || diag::gone(&flows))
+            .await
+            .map_err(std::io::Error::other)??;
+        for &flow in &gone {
+            self.destroyed(flow).await;
+        }
+        Ok(gone.len())
+    }
+
     /// Keeps the kernel entries of live moved connections from expiring: every third
-    /// of `BATON_HANDOFF_FLOW_TTL`, refreshes this BE's local delivery and tells each
-    /// FE which of its redirects are still in use. Runs until the process ends.
+    /// of `BATON_HANDOFF_FLOW_TTL`, checks that each one's socket still exists
+    /// ([`Handoff::sweep`]: a lost destroy notice must not keep a flow alive forever),
+    /// then refreshes this BE's local delivery of the rest and tells each FE which of
+    /// its redirects are still in use. Runs until the process ends.
     pub async fn refresh(self: Arc<Self>) {
         let every = self.cfg.tables.flow_ttl() / 3;
         loop {
             tokio::time::sleep(every).await;
+            match self.sweep().await {
+                Ok(0) => {}
+                Ok(gone) => {
+                    tracing::info!(
+                        gone,
+                        "moved connections whose socket was gone without a notice forgotten"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check moved connections' sockets; refreshing them all")
+                }
+            }
             let live: Vec<(Flow, u16)> = self.live().iter().map(|(f, p)| (*f, *p)).collect();
             if live.is_empty() {
                 continue;
