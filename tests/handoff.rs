@@ -310,16 +310,68 @@ http {{
         }
     }
 
+    /// The fleet key.
+    fn key(&self) -> baton_layers::handoff::wire::Key {
+        let secret = std::fs::read(&self.key).unwrap();
+        baton_layers::handoff::wire::Key::new(secret.trim_ascii()).unwrap()
+    }
+
+    /// Sends the raw `frame` from `host` to the handoff receiver at `to` (`ip:port`),
+    /// half-closes, and returns what came back before the receiver closed.
+    fn send_frame(&self, host: &str, to: &str, frame: &[u8]) -> Vec<u8> {
+        let path = self
+            .dir
+            .join(format!("frame-{}", NEXT.fetch_add(1, Ordering::SeqCst)));
+        std::fs::write(&path, frame).unwrap();
+        let (ip, port) = to.rsplit_once(':').unwrap();
+        let py = format!(
+            "import socket,sys\ns=socket.create_connection(('{ip}',{port}),timeout=5)\ns.sendall(open('{}','rb').read())\ns.shutdown(socket.SHUT_WR)\nb=b''\nwhile True:\n  d=s.recv(4096)\n  if not d: break\n  b+=d\nsys.stdout.write(b.hex())",
+            path.display()
+        );
+        let out = self.bed.must(host, &["python3", "-c", &py]);
+        (0..out.trim().len() / 2)
+            .filter_map(|i| u8::from_str_radix(&out.trim()[2 * i..2 * i + 2], 16).ok())
+            .collect()
+    }
+
+    /// fe's redirects: each moved flow and the backend address it goes to.
+    fn moved(&self) -> Vec<(baton_layers::handoff::wire::Flow, String)> {
+        let out = self.bed.exec(
+            "fe",
+            &["nft", "-j", "list", "map", "netdev", "baton", "moved"],
+        );
+        let json: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let elems = json["nftables"]
+            .as_array()
+            .and_then(|items| items.iter().find_map(|i| i["map"]["elem"].as_array()))
+            .cloned()
+            .unwrap_or_default();
+        elems
+            .iter()
+            .map(|e| {
+                let key = &e[0]["elem"]["val"]["concat"];
+                let addr = |i: usize| format!("{}:{}", key[i].as_str().unwrap(), key[i + 1]);
+                let flow = baton_layers::handoff::wire::Flow {
+                    client: addr(0).parse().unwrap(),
+                    local: addr(2).parse().unwrap(),
+                };
+                (flow, e[1].as_str().unwrap().to_string())
+            })
+            .collect()
+    }
+
     fn log(&self, host: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{host}.log"))).unwrap_or_default()
     }
 }
 
 /// A client on one connection, scripted by a JSON plan of steps: ["send", text],
-/// ["sleep", seconds], ["read"] (one response, Content-Length framed). Prints the
-/// responses read as JSON.
+/// ["sleep", seconds], ["read"] (one response, Content-Length framed), ["wait", path]
+/// (until the file exists: the test says when to go on). Prints the responses read as
+/// JSON.
 const CLIENT_PY: &str = r#"
-import hashlib, json, socket, sys, time
+import hashlib, json, os, socket, sys, time
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
 buf = b""
 def read_response():
@@ -349,6 +401,10 @@ for step in json.loads(sys.argv[3]):
         time.sleep(step[1])
     elif step[0] == "read":
         out.append(read_response())
+    elif step[0] == "wait":
+        deadline = time.time() + 60
+        while not os.path.exists(step[1]) and time.time() < deadline:
+            time.sleep(0.01)
 print(json.dumps(out))
 "#;
 
@@ -674,23 +730,10 @@ fn forged_replayed_and_foreign_offers_are_refused() {
     };
     let Some(mut f) = Fleet::new() else { return };
     f.start_be("be1", &[]);
-    let key = Key::new(std::fs::read(&f.key).unwrap().trim_ascii()).unwrap();
+    let key = f.key();
     let be1 = f.bed.ip("be1");
     // Sends raw frames from the client namespace; returns the reply's bytes.
-    let send = |frame: &[u8]| -> Vec<u8> {
-        let path = f
-            .dir
-            .join(format!("frame-{}", NEXT.fetch_add(1, Ordering::SeqCst)));
-        std::fs::write(&path, frame).unwrap();
-        let py = format!(
-            "import socket,sys\ns=socket.create_connection(('{be1}',15010),timeout=5)\ns.sendall(open('{}','rb').read())\ns.shutdown(socket.SHUT_WR)\nb=b''\nwhile True:\n  d=s.recv(4096)\n  if not d: break\n  b+=d\nsys.stdout.write(b.hex())",
-            path.display()
-        );
-        let out = f.bed.must("client", &["python3", "-c", &py]);
-        (0..out.trim().len() / 2)
-            .filter_map(|i| u8::from_str_radix(&out.trim()[2 * i..2 * i + 2], 16).ok())
-            .collect()
-    };
+    let send = |frame: &[u8]| f.send_frame("client", &format!("{be1}:15010"), frame);
     let be1_receiver = format!("{be1}:15010").parse().unwrap();
     let offer = |local: &str, be: std::net::SocketAddrV4| {
         wire::envelope(Message::Offer(Offer {
@@ -721,7 +764,8 @@ fn forged_replayed_and_foreign_offers_are_refused() {
         f.metric("be1", "baton_handoff_refused_total{reason=\"auth\"}"),
         1.0
     );
-    // A valid notice is applied once; the same bytes again are a replay.
+    // A valid notice is taken once (its flow is not redirected to the sender, so it
+    // is ignored); the same bytes again are a replay, refused before that.
     let notice = wire::encode(
         &key,
         &wire::envelope(Message::Closed(vec![wire::Flow {
@@ -729,14 +773,17 @@ fn forged_replayed_and_foreign_offers_are_refused() {
             local: "10.0.0.2:2".parse().unwrap(),
         }])),
     );
+    // (The receiver closes a notice's connection once it has handled it.)
     send(&notice);
-    assert_eq!(f.metric("be1", "baton_handoff_closed_applied_total"), 1.0);
+    let ignored = "baton_handoff_notices_ignored_total";
+    assert_eq!(f.metric("be1", ignored), 1.0);
     send(&notice);
     assert_eq!(
         f.metric("be1", "baton_handoff_refused_total{reason=\"replay\"}"),
         1.0
     );
-    assert_eq!(f.metric("be1", "baton_handoff_closed_applied_total"), 1.0);
+    assert_eq!(f.metric("be1", ignored), 1.0);
+    assert_eq!(f.metric("be1", "baton_handoff_closed_applied_total"), 0.0);
     let refusal = |reply: Vec<u8>| {
         assert!(reply.len() > 4, "a refusal is answered");
         wire::decode(&key, &reply[4..], wire::now_ms()).unwrap().msg
@@ -798,6 +845,81 @@ fn no_flow_entries_remain_after_the_connections_close() {
         f.elements("be2", "restored")
     );
     assert_eq!(f.metric("fe", "baton_handoff_closed_applied_total"), 6.0);
+}
+
+#[test]
+fn backend_notices_touch_only_the_redirects_to_their_sender() {
+    use baton_layers::handoff::wire::{self, Flow, Message};
+    let Some(mut f) = Fleet::new() else { return };
+    f.start_be("be1", &[]);
+    f.start_be("be2", &[]);
+    f.start_fe(&[]);
+    let key = f.key();
+    let fe_receiver = format!("{}:15010", f.bed.ip("fe"));
+    let ignored = "baton_handoff_notices_ignored_total";
+    // Sends `msg` from `host` to fe's receiver, which has handled it once it closes.
+    let notify = |host: &str, msg: Message| {
+        f.send_frame(
+            host,
+            &fe_receiver,
+            &wire::encode(&key, &wire::envelope(msg)),
+        );
+    };
+    let go_on = f.dir.join("go-on");
+    let got = std::thread::scope(|s| {
+        let client = s.spawn(|| {
+            f.script(json!([
+                ["send", get("/1k")],
+                ["read"],
+                ["wait", go_on.display().to_string()],
+                ["send", get("/1m")],
+                ["read"]
+            ]))
+        });
+        assert!(
+            eventually(Duration::from_secs(10), || f.moved().len() == 1),
+            "the connection was handed off; fe log:\n{}",
+            f.log("fe")
+        );
+        let (flow, owner_ip) = f.moved().remove(0);
+        let (owner, other) = if owner_ip == f.bed.ip("be1") {
+            ("be1", "be2")
+        } else {
+            ("be2", "be1")
+        };
+        // Another backend can neither end nor take over the flow.
+        notify(other, Message::Closed(vec![flow]));
+        assert_eq!(f.metric("fe", ignored), 1.0);
+        notify(other, Message::Alive(vec![flow]));
+        assert_eq!(f.metric("fe", ignored), 2.0);
+        assert_eq!(f.moved(), [(flow, owner_ip.clone())]);
+        // The owner cannot create a redirect by calling a flow alive.
+        let unknown = Flow {
+            client: format!("{}:9", f.bed.ip("client")).parse().unwrap(),
+            local: flow.local,
+        };
+        notify(owner, Message::Alive(vec![unknown, flow]));
+        assert_eq!(f.metric("fe", ignored), 3.0);
+        assert_eq!(f.moved(), [(flow, owner_ip.clone())]);
+        std::fs::write(&go_on, "").unwrap();
+        let got = client.join().unwrap();
+        assert_eq!(got[1]["by"], owner, "still served by its backend");
+        // Closed: the owner's notice removes the redirect, and a late "alive" from
+        // the owner does not bring it back.
+        assert!(
+            eventually(Duration::from_secs(10), || f.moved().is_empty()),
+            "redirect left: {:?}",
+            f.moved()
+        );
+        assert_eq!(f.metric("fe", "baton_handoff_closed_applied_total"), 1.0);
+        notify(owner, Message::Alive(vec![flow]));
+        assert_eq!(f.metric("fe", ignored), 4.0);
+        assert!(f.moved().is_empty(), "resurrected: {:?}", f.moved());
+        got
+    });
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1]["status"], 200);
+    assert_eq!(got[1]["sha"], sha256(&content(MIB)));
 }
 
 #[test]

@@ -79,14 +79,25 @@ pub struct Handoff {
     cfg: HandoffConfig,
     metrics: Metrics,
     replay: ReplayGuard,
-    /// BE: moved connections being served, with the FE handoff port to notify.
-    live: Mutex<HashMap<Flow, u16>>,
+    /// BE: moved connections being served, with where their notices go.
+    live: Mutex<HashMap<Flow, Notices>>,
     /// BE: control connections being handled (bounds what unauthenticated peers cost).
     control: Arc<tokio::sync::Semaphore>,
     /// Whether sock_diag notices arrive (else moved flows are forgotten on a timer).
     diag: std::sync::atomic::AtomicBool,
-    /// BE: "closed" notices waiting to go out, per FE receiver.
-    closed: Mutex<HashMap<std::net::SocketAddrV4, Vec<Flow>>>,
+    /// BE: "closed" notices waiting to go out, per FE receiver (and source).
+    closed: Mutex<HashMap<Notices, Vec<Flow>>>,
+}
+
+/// Where a BE's notices about a moved connection go, and the address they come from:
+/// the BE address the FE dialled, which is the one its redirect forwards to, so the FE
+/// can tell that the notice concerns a flow it gave this BE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Notices {
+    /// The FE's receiver.
+    fe: std::net::SocketAddrV4,
+    /// The BE's address in the FE's redirect.
+    be: Ipv4Addr,
 }
 
 /// Control connections a BE handles at once.
@@ -143,7 +154,7 @@ impl Handoff {
             .any(|n| n.contains(&ip))
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Flow, u16>> {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Flow, Notices>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -224,6 +224,8 @@ pub struct HandoffMetrics {
     pub closed_sent: Counter,
     /// FE: redirects removed on a BE's notice.
     pub closed_applied: Counter,
+    /// FE: flows in a BE's notice with no redirect to that BE (left alone).
+    pub notices_ignored: Counter,
 }
 
 /// Reasons a handoff falls back to proxying.
@@ -265,6 +267,7 @@ impl Default for HandoffMetrics {
             active: Gauge::default(),
             closed_sent: Counter::default(),
             closed_applied: Counter::default(),
+            notices_ignored: Counter::default(),
         }
     }
 }
@@ -336,6 +339,12 @@ impl HandoffMetrics {
             "baton_handoff_closed_applied_total",
             "Redirects removed on a backend's notice.",
             self.closed_applied.get(),
+        );
+        counter(
+            out,
+            "baton_handoff_notices_ignored_total",
+            "Flows in a backend's closed or alive notice that this frontend does not redirect to that backend; left alone.",
+            self.notices_ignored.get(),
         );
     }
 }

@@ -5,7 +5,7 @@
 use super::{
     diag, read_message, repair,
     wire::{self, Envelope, Flow, Message, Offer, Refusal},
-    write_message, Handoff, ReadError,
+    write_message, Handoff, Notices, ReadError,
 };
 use crate::proxy::tcp::{self, ForwardMetrics};
 use std::{
@@ -111,25 +111,40 @@ impl Handoff {
                     self.serve_moved(socket, flow, data, drain).await;
                 }
             }
+            // FE role. A notice concerns only the redirects to its sender: a BE ends
+            // or keeps the flows it was given, never another BE's, and "alive" never
+            // brings back a redirect that is gone.
             Message::Closed(flows) => {
-                // FE role: the BE's copies of these moved connections are gone.
-                if let Err(e) = self.cfg.tables.forget_all_moved(&flows) {
-                    tracing::warn!(error = %e, "cannot remove redirects");
+                // The BE's copies of these moved connections are gone.
+                let IpAddr::V4(be) = from.ip() else { return };
+                match self.cfg.tables.forget_moved_from(&flows, be) {
+                    Ok(n) => {
+                        self.metrics().closed_applied.add(n as u64);
+                        self.ignored(from, "closed", flows.len() - n);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot remove redirects"),
                 }
-                self.metrics().closed_applied.add(flows.len() as u64);
             }
             Message::Alive(flows) => {
-                // FE role: the BE still serves these; keep their redirects (to it).
-                if let IpAddr::V4(be) = from.ip() {
-                    if let Err(e) = self.cfg.tables.refresh_moved(&flows, be) {
-                        tracing::warn!(error = %e, "cannot refresh redirects");
-                    }
+                // The BE still serves these: keep their redirects (to it) from expiring.
+                let IpAddr::V4(be) = from.ip() else { return };
+                match self.cfg.tables.refresh_moved(&flows, be) {
+                    Ok(n) => self.ignored(from, "alive", flows.len() - n),
+                    Err(e) => tracing::warn!(error = %e, "cannot refresh redirects"),
                 }
             }
             _ => {
                 self.metrics().refused.get("malformed").incr();
                 tracing::warn!(%from, "unexpected handoff message");
             }
+        }
+    }
+
+    /// Counts the flows of a notice from `from` that had no redirect to it.
+    fn ignored(&self, from: SocketAddr, notice: &'static str, flows: usize) {
+        if flows > 0 {
+            self.metrics().notices_ignored.add(flows as u64);
+            tracing::debug!(%from, notice, flows, "notice about flows not redirected to its sender ignored");
         }
     }
 
@@ -146,6 +161,11 @@ impl Handoff {
         let m = self.metrics();
         m.offers.incr();
         let flow = offer.flow();
+        // The FE's receiver, and this BE as the FE's redirect will name it.
+        let notices = Notices {
+            fe: SocketAddrV4::new(*flow.local.ip(), offer.fe_port),
+            be: *offer.be.ip(),
+        };
         let timeout_ms = offer.timeout_ms.min(MAX_OFFER_TIMEOUT_MS);
         let refuse = |why: Refusal| {
             m.refused.get(why.as_str()).incr();
@@ -205,11 +225,11 @@ impl Handoff {
             m.aborted.incr();
             repair::close_silently(&socket);
             let _ = self.cfg.tables.forget_restored(flow);
-            self.notify_closed(flow, offer.fe_port);
+            self.notify_closed(flow, notices);
             tracing::debug!(client = %flow.client, "handoff aborted before go");
             return None;
         }
-        self.live().insert(flow, offer.fe_port);
+        self.live().insert(flow, notices);
         Some((socket, flow, offer.data))
     }
 
@@ -279,22 +299,21 @@ impl Handoff {
     /// The kernel destroyed a socket: if it was a moved connection, remove its local
     /// delivery and tell its FE to remove the redirect.
     pub async fn destroyed(&self, flow: Flow) {
-        let Some(fe_port) = self.live().remove(&flow) else {
+        let Some(notices) = self.live().remove(&flow) else {
             return;
         };
         if let Err(e) = self.cfg.tables.forget_restored(flow) {
             tracing::warn!(error = %e, "cannot remove local delivery");
         }
-        self.notify_closed(flow, fe_port);
+        self.notify_closed(flow, notices);
     }
 
     /// Queues the notice that `flow` is gone for its FE; [`Handoff::notices`] sends
     /// the queue in batches, so a churn of short connections costs each FE one
     /// notice connection per batch, not one per connection.
-    fn notify_closed(&self, flow: Flow, fe_port: u16) {
-        let fe = SocketAddrV4::new(*flow.local.ip(), fe_port);
+    fn notify_closed(&self, flow: Flow, notices: Notices) {
         let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
-        closed.entry(fe).or_default().push(flow);
+        closed.entry(notices).or_default().push(flow);
     }
 
     /// Sends the queued "closed" notices every [`NOTICE_EVERY`], batched per FE.
@@ -304,22 +323,29 @@ impl Handoff {
             tokio::time::sleep(NOTICE_EVERY).await;
             let queued =
                 std::mem::take(&mut *self.closed.lock().unwrap_or_else(|e| e.into_inner()));
-            for (fe, flows) in queued {
+            for (to, flows) in queued {
                 for chunk in flows.chunks(wire::MAX_ALIVE) {
-                    if self.notify(fe, Message::Closed(chunk.to_vec())).await {
+                    if self.notify(to, Message::Closed(chunk.to_vec())).await {
                         self.metrics().closed_sent.add(chunk.len() as u64);
                     } else {
-                        tracing::info!(%fe, flows = chunk.len(), "cannot tell a frontend moved connections closed; its redirects expire on their own");
+                        tracing::info!(fe = %to.fe, flows = chunk.len(), "cannot tell a frontend moved connections closed; its redirects expire on their own");
                     }
                 }
             }
         }
     }
 
-    async fn notify(&self, fe: SocketAddrV4, msg: Message) -> bool {
+    /// Sends `msg` to `to.fe`, from `to.be`: the address the FE's redirects name,
+    /// which is how the FE tells which flows are this BE's to refresh or end.
+    async fn notify(&self, to: Notices, msg: Message) -> bool {
         let frame = wire::encode(&self.cfg.key, &wire::envelope(msg));
         let sent = tokio::time::timeout(READ_TIMEOUT, async {
-            let mut c = TcpStream::connect(fe).await?;
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            // Notices are short connections this side closes first: let the bind
+            // reuse ports whose TIME_WAIT is still running.
+            socket.set_reuseaddr(true)?;
+            socket.bind(SocketAddr::from((to.be, 0)))?;
+            let mut c = socket.connect(SocketAddr::V4(to.fe)).await?;
             write_message(&mut c, &frame).await?;
             c.shutdown().await
         })
@@ -365,7 +391,7 @@ impl Handoff {
                     tracing::warn!(error = %e, "cannot check moved connections' sockets; refreshing them all")
                 }
             }
-            let live: Vec<(Flow, u16)> = self.live().iter().map(|(f, p)| (*f, *p)).collect();
+            let live: Vec<(Flow, Notices)> = self.live().iter().map(|(f, n)| (*f, *n)).collect();
             if live.is_empty() {
                 continue;
             }
@@ -373,17 +399,14 @@ impl Handoff {
             if let Err(e) = self.cfg.tables.refresh_restored(&flows) {
                 tracing::warn!(error = %e, "cannot refresh local delivery");
             }
-            let mut by_fe: HashMap<SocketAddrV4, Vec<Flow>> = HashMap::new();
-            for (flow, port) in live {
-                by_fe
-                    .entry(SocketAddrV4::new(*flow.local.ip(), port))
-                    .or_default()
-                    .push(flow);
+            let mut by_fe: HashMap<Notices, Vec<Flow>> = HashMap::new();
+            for (flow, to) in live {
+                by_fe.entry(to).or_default().push(flow);
             }
-            for (fe, flows) in by_fe {
+            for (to, flows) in by_fe {
                 for chunk in flows.chunks(wire::MAX_ALIVE) {
-                    if !self.notify(fe, Message::Alive(chunk.to_vec())).await {
-                        tracing::info!(%fe, "cannot refresh a frontend's redirects");
+                    if !self.notify(to, Message::Alive(chunk.to_vec())).await {
+                        tracing::info!(fe = %to.fe, "cannot refresh a frontend's redirects");
                     }
                 }
             }

@@ -374,13 +374,17 @@ mod tests {
             local: "127.0.0.1:1".parse().unwrap(),
             client: "127.0.0.9:2".parse().unwrap(),
         };
-        h.live().insert(alive, 15010);
-        h.live().insert(lost, 15011);
+        let to = |port| crate::handoff::Notices {
+            fe: SocketAddrV4::new([127, 0, 0, 1].into(), port),
+            be: [127, 0, 0, 1].into(),
+        };
+        h.live().insert(alive, to(15010));
+        h.live().insert(lost, to(15011));
         assert_eq!(h.sweep().await.unwrap(), 1);
         assert!(h.is_live(&alive) && !h.is_live(&lost));
         let closed = h.closed.lock().unwrap();
         assert_eq!(
-            closed.get(&"127.0.0.1:15011".parse().unwrap()),
+            closed.get(&to(15011)),
             Some(&vec![lost]),
             "its FE's redirect is to be removed"
         );
@@ -406,7 +410,13 @@ mod tests {
             local: "127.0.0.1:1".parse().unwrap(),
             client: "127.0.0.9:2".parse().unwrap(),
         };
-        h.live().insert(lost, 15010);
+        h.live().insert(
+            lost,
+            crate::handoff::Notices {
+                fe: "127.0.0.1:15010".parse().unwrap(),
+                be: [127, 0, 0, 1].into(),
+            },
+        );
         let watch = tokio::spawn(watch(h.clone(), socket));
         let mut forgotten = false;
         for _ in 0..200 {
