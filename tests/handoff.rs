@@ -816,8 +816,37 @@ fn forged_replayed_and_foreign_offers_are_refused() {
         f.metric("be1", "baton_handoff_refused_total{reason=\"target\"}"),
         1.0
     );
-    assert_eq!(f.metric("be1", "baton_handoff_offers_total"), 2.0);
+    // Clocks seconds apart (far beyond the FE's 50 ms timeout) are no reason to
+    // refuse: an offer stamped 5 s behind or ahead of be1's clock is restored and
+    // answered "ready". This sender never says "go", so be1 then drops it unseen.
+    for skew in [-5000i64, 5000] {
+        let mut skewed = offer(&fe_addr, be1_receiver);
+        skewed.sent_ms = skewed.sent_ms.saturating_add_signed(skew);
+        let reply = send(&wire::encode(&key, &skewed));
+        assert!(reply.len() > 4, "an offer {skew} ms off is answered");
+        assert_eq!(
+            wire::decode(&key, &reply[4..], wire::now_ms()).unwrap().msg,
+            Message::Ready(skewed.nonce),
+            "an offer {skew} ms off; be1 log:\n{}",
+            f.log("be1")
+        );
+    }
+    assert_eq!(
+        f.metric("be1", "baton_handoff_refused_total{reason=\"late\"}"),
+        0.0
+    );
+    assert_eq!(f.metric("be1", "baton_handoff_aborted_total"), 2.0);
+    // Outside the freshness window (which bounds the replay cache): no answer.
+    let mut stale = offer(&fe_addr, be1_receiver);
+    stale.sent_ms -= 11_000;
+    assert!(send(&wire::encode(&key, &stale)).is_empty());
+    assert_eq!(
+        f.metric("be1", "baton_handoff_refused_total{reason=\"stale\"}"),
+        1.0
+    );
+    assert_eq!(f.metric("be1", "baton_handoff_offers_total"), 4.0);
     assert_eq!(f.metric("be1", "baton_handoff_active_connections"), 0.0);
+    assert_eq!(f.elements("be1", "restored"), 0);
 }
 
 #[test]

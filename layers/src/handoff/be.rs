@@ -97,15 +97,11 @@ impl Handoff {
         if let Err(e) = self.replay.check(&env, wire::now_ms()) {
             return self.refuse_read(from, &ReadError::Wire(e));
         }
-        let Envelope {
-            nonce,
-            sent_ms,
-            msg,
-        } = env;
+        let Envelope { nonce, msg, .. } = env;
         match msg {
             Message::Offer(offer) => {
                 // The exchange is done with the control connection either way.
-                let taken = self.take(conn, from, (nonce, sent_ms), offer, &drain).await;
+                let taken = self.take(conn, from, nonce, offer, &drain).await;
                 if let Some((socket, flow, data)) = taken {
                     drop(permit);
                     self.serve_moved(socket, flow, data, drain).await;
@@ -150,11 +146,19 @@ impl Handoff {
 
     /// Checks and restores an offered connection and completes the ready/go exchange;
     /// the restored socket once "go" came.
+    ///
+    /// Whether the offer is late is not judged here: comparing its timestamp with this
+    /// host's clock would make the handoff depend on the two clocks agreeing within
+    /// the FE's timeout (tens of milliseconds). The timestamp only has to be inside
+    /// the freshness window [`wire::MAX_SKEW`], which bounds how long nonces are
+    /// remembered against replays. Lateness is the FE's timeout's business: an FE that
+    /// stopped waiting for "ready" has thawed the connection and proxies it, never
+    /// sends "go", and without "go" this side never writes a byte.
     async fn take(
         &self,
         mut conn: TcpStream,
         from: SocketAddr,
-        (nonce, sent_ms): ([u8; 16], u64),
+        nonce: [u8; 16],
         offer: Offer,
         drain: &watch::Receiver<bool>,
     ) -> Option<(socket2::Socket, Flow, Vec<u8>)> {
@@ -184,8 +188,6 @@ impl Handoff {
             Some(Refusal::Target)
         } else if offer.app_port != self.cfg.app_addr.port() {
             Some(Refusal::App)
-        } else if wire::now_ms() > sent_ms.saturating_add(u64::from(timeout_ms)) {
-            Some(Refusal::Late)
         } else if *drain.borrow() {
             Some(Refusal::Busy)
         } else {
