@@ -368,8 +368,9 @@ http {{
 
 /// A client on one connection, scripted by a JSON plan of steps: ["send", text],
 /// ["sleep", seconds], ["read"] (one response, Content-Length framed), ["wait", path]
-/// (until the file exists: the test says when to go on). Prints the responses read as
-/// JSON.
+/// (until the file exists: the test says when to go on), ["read_or_error"] (like read,
+/// but a failure is recorded as {error} and ends the plan). Prints the responses read
+/// as JSON.
 const CLIENT_PY: &str = r#"
 import hashlib, json, os, socket, sys, time
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
@@ -401,11 +402,58 @@ for step in json.loads(sys.argv[3]):
         time.sleep(step[1])
     elif step[0] == "read":
         out.append(read_response())
+    elif step[0] == "read_or_error":
+        try:
+            out.append(read_response())
+        except Exception as e:
+            out.append({"error": repr(e)})
+            break
     elif step[0] == "wait":
         deadline = time.time() + 60
         while not os.path.exists(step[1]) and time.time() < deadline:
             time.sleep(0.01)
 print(json.dumps(out))
+"#;
+
+/// A backend receiver that answers one offer "ready" and then resets the control
+/// connection, so the frontend cannot deliver "go". Steps are files in argv[2]:
+/// it creates `listening`, then `offered` once the offer is in, waits for `answer`,
+/// answers, and creates `answered`. argv[1] is the key file.
+const FAKE_BE_PY: &str = r#"
+import hashlib, hmac, os, socket, struct, sys, time
+key = open(sys.argv[1], "rb").read().strip()
+steps = sys.argv[2]
+def step(name):
+    open(os.path.join(steps, name), "w").close()
+def wait(name):
+    while not os.path.exists(os.path.join(steps, name)):
+        time.sleep(0.01)
+def recv_exact(c, n):
+    b = b""
+    while len(b) < n:
+        d = c.recv(n - len(b))
+        if not d:
+            raise EOFError("closed")
+        b += d
+    return b
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", 15010))
+l.listen()
+step("listening")
+c, _ = l.accept()
+body = recv_exact(c, struct.unpack(">I", recv_exact(c, 4))[0])
+assert body[:4] == b"BTN1" and body[4] == 1, "an offer"
+nonce = body[5:21]
+step("offered")
+wait("answer")
+msg = b"BTN1" + bytes([2]) + os.urandom(16) + struct.pack(">Q", int(time.time() * 1000)) + nonce
+msg += hmac.new(key, msg, hashlib.sha256).digest()
+c.sendall(struct.pack(">I", len(msg)) + msg)
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+c.close()
+step("answered")
+time.sleep(3600)
 "#;
 
 fn get(path: &str) -> String {
@@ -642,6 +690,101 @@ fn a_backend_app_killed_mid_response_ends_the_client_connection() {
         started.elapsed()
     );
     assert_eq!(f.metric("fe", "baton_handoffs_total"), 2.0);
+}
+
+/// "go" cannot be written after the switch (the backend reset the control connection
+/// right after "ready"): the frontend does not take the connection back and proxy it,
+/// since "go" might have arrived. The backend that did not get "go" says "closed", and
+/// the client gets a reset: the request is answered by nobody rather than twice.
+#[test]
+fn after_the_switch_a_lost_go_never_makes_the_frontend_serve() {
+    use baton_layers::handoff::wire::{self, Message};
+    let Some(mut f) = Fleet::new() else { return };
+    let steps = f.dir.join("fake-be");
+    std::fs::create_dir_all(&steps).unwrap();
+    let script = f.dir.join("fake_be.py");
+    std::fs::write(&script, FAKE_BE_PY).unwrap();
+    let args = [
+        "python3",
+        script.to_str().unwrap(),
+        f.key.to_str().unwrap(),
+        steps.to_str().unwrap(),
+    ];
+    f.bed.spawn("be2", &args, &[]);
+    assert!(eventually(Duration::from_secs(10), || steps
+        .join("listening")
+        .exists()));
+    // Only be2 (the fake receiver in front of its nginx); a timeout long enough for
+    // fe to be stopped for a moment while waiting for "ready".
+    let services = format!("objects={}:8080", f.bed.ip("be2"));
+    f.start_fe(&[
+        ("BATON_STATIC_SERVICES", services),
+        ("BATON_HANDOFF_TIMEOUT", "5s".into()),
+    ]);
+    let fe = f.fe.unwrap();
+    let go_on = f.dir.join("go-on");
+    let fe_tx = f.bed.eth0_bytes("fe").1;
+    let got = std::thread::scope(|s| {
+        let client = s.spawn(|| {
+            f.script(json!([
+                ["send", get("/1m")],
+                ["wait", go_on.display().to_string()],
+                ["send", get("/1k")],
+                ["read_or_error"]
+            ]))
+        });
+        assert!(
+            eventually(Duration::from_secs(10), || steps.join("offered").exists()),
+            "fe log:\n{}",
+            f.log("fe")
+        );
+        // "ready" and the reset both arrive while fe is stopped: once it runs again it
+        // reads "ready", switches, and finds the connection to the backend reset.
+        f.bed.signal(fe, "STOP");
+        std::fs::write(steps.join("answer"), "").unwrap();
+        let answered = eventually(Duration::from_secs(10), || steps.join("answered").exists());
+        f.bed.signal(fe, "CONT");
+        assert!(answered);
+        assert!(
+            eventually(Duration::from_secs(10), || f
+                .metric("fe", "baton_handoff_go_failed_total")
+                == 1.0),
+            "fe log:\n{}",
+            f.log("fe")
+        );
+        // Still switched: the redirect stays, nothing was thawed or proxied.
+        let moved = f.moved();
+        assert_eq!(moved.len(), 1, "{moved:?}");
+        assert_eq!(moved[0].1, f.bed.ip("be2"));
+        assert_eq!(f.metric("fe", "baton_handoffs_total"), 1.0);
+        let fallbacks: f64 = baton_layers::metrics::FALLBACK_REASONS
+            .iter()
+            .map(|r| {
+                f.metric(
+                    "fe",
+                    &format!("baton_handoff_fallbacks_total{{reason=\"{r}\"}}"),
+                )
+            })
+            .sum();
+        assert_eq!(fallbacks, 0.0);
+        // What a backend does without "go": "closed" (from its address), which takes
+        // the redirect away; the client's next bytes meet fe's stack and a reset.
+        let closed = wire::encode(&f.key(), &wire::envelope(Message::Closed(vec![moved[0].0])));
+        f.send_frame("be2", &format!("{}:15010", f.bed.ip("fe")), &closed);
+        assert!(f.moved().is_empty());
+        std::fs::write(&go_on, "").unwrap();
+        client.join().unwrap()
+    });
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Reset")),
+        "no response, a reset: {got:?}"
+    );
+    // No response crossed fe.
+    let sent = f.bed.eth0_bytes("fe").1 - fe_tx;
+    assert!(sent < MIB as u64 / 4, "fe sent {sent} bytes");
 }
 
 #[test]

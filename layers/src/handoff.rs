@@ -18,7 +18,9 @@
 //! ```
 //!
 //! Any failure before the swap thaws the socket and the request is proxied as usual:
-//! the client never sees the difference. Why each piece of TCP state travels, and the
+//! the client never sees the difference. After the swap the connection is the BE's,
+//! even if "go" is lost (the BE then drops it, and the client gets a reset): the FE
+//! serves only before the swap, the BE only after "go", never both. Why each piece of TCP state travels, and the
 //! order of the restore, follow CRIU's soccr: wrong sequence numbers blackhole the
 //! flow, no MSS means 536-byte segments, no window scale means tiny windows, no
 //! timestamp offset means the client drops segments (PAWS). The two-phase

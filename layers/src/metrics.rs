@@ -212,6 +212,8 @@ pub struct HandoffMetrics {
     pub fallbacks: Labeled,
     /// FE: freeze to "go".
     pub latency: Histogram,
+    /// FE: switched connections whose "go" could not be written (still the BE's).
+    pub go_failed: Counter,
     /// BE: offers received.
     pub offers: Counter,
     /// BE: messages refused, by reason.
@@ -261,6 +263,7 @@ impl Default for HandoffMetrics {
             handed_off: Counter::default(),
             fallbacks: Labeled::new("reason", FALLBACK_REASONS),
             latency: Histogram::with_bounds(&HANDOFF_BUCKETS),
+            go_failed: Counter::default(),
             offers: Counter::default(),
             refused: Labeled::new("reason", REFUSAL_REASONS),
             aborted: Counter::default(),
@@ -305,6 +308,12 @@ impl HandoffMetrics {
         );
         self.latency
             .render(out, "baton_handoff_duration_seconds", "");
+        counter(
+            out,
+            "baton_handoff_go_failed_total",
+            "Connections switched to a backend whose \"go\" could not be sent; they stay the backend's, which drops them unless \"go\" arrived (the client then gets a reset).",
+            self.go_failed.get(),
+        );
         counter(
             out,
             "baton_handoff_offers_total",

@@ -220,10 +220,16 @@ impl Handoff {
             self.replay.check(&env, wire::now_ms())?;
             Ok::<_, ReadError>(env.msg == Message::Go(nonce))
         };
+        // "go" is the only permission to serve (see `fe`, "The switch decides who
+        // serves"): the FE sends it only after its switch, and once switched never
+        // takes the connection back. So a control connection that closes, fails or
+        // stays silent means "no go", whether or not the FE switched: before its switch
+        // the FE serves, after it nobody does (and the client gets a reset), but never
+        // both.
         if !matches!(tokio::time::timeout(wait, go).await, Ok(Ok(true))) {
-            // The FE kept the connection (or vanished): leave no trace. Should the FE
-            // have switched after all, the notice removes its redirect, so the client
-            // gets a reset rather than silence.
+            // Leave no trace. Should the FE have switched, the notice removes its
+            // redirect, so the client gets a reset rather than silence; should it not
+            // have, the notice matches no redirect to this BE and changes nothing.
             m.aborted.incr();
             repair::close_silently(&socket);
             let _ = self.cfg.tables.forget_restored(flow);

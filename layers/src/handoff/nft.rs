@@ -138,20 +138,6 @@ impl Tables {
         ])
     }
 
-    /// FE: undo [`Tables::redirect`] back to a hold (the BE never got "go").
-    pub fn unredirect_to_hold(&self, flow: Flow) -> io::Result<()> {
-        let _moved = self.lock_moved();
-        self.apply(&[
-            Op::Add {
-                set: HELD,
-                flow,
-                data: None,
-                ttl: self.hold_ttl,
-            },
-            Op::Remove { set: MOVED, flow },
-        ])
-    }
-
     /// FE: the moved connection is gone (whichever BE it went to).
     pub fn forget_moved(&self, flow: Flow) -> io::Result<()> {
         let _moved = self.lock_moved();
