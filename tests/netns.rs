@@ -138,3 +138,72 @@ fn redirect_listener_reads_so_original_dst() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_testbed_builds_its_namespaces_and_removes_them() {
+    let Some(bed) = Testbed::new(&["solo"]) else {
+        return;
+    };
+    let ns = bed.ns("solo");
+    let list = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(ns.as_str()))
+    };
+    assert!(list(), "{ns} exists");
+    assert_eq!(
+        bed.must("solo", &["cat", "/sys/class/net/eth0/operstate"])
+            .trim(),
+        "up"
+    );
+    drop(bed);
+    assert!(!list(), "{ns} removed");
+}
+
+/// Without root, a network-namespace test fails under CI and skips (passing, saying
+/// so) otherwise: this test binary runs the testbed test again as an unprivileged
+/// user (`nobody`, when running as root), once with `CI=1` and once without.
+#[test]
+fn without_root_netns_tests_fail_under_ci_and_skip_otherwise() {
+    let exe = std::env::current_exe().unwrap();
+    let root = support::netns::privileged();
+    let run = |ci: bool| {
+        let mut cmd = if root {
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(&exe);
+            c
+        } else {
+            std::process::Command::new(&exe)
+        };
+        cmd.args([
+            "--exact",
+            "the_testbed_builds_its_namespaces_and_removes_them",
+            "--nocapture",
+            "--test-threads=1",
+        ]);
+        if ci {
+            cmd.env("CI", "1");
+        } else {
+            cmd.env_remove("CI");
+        }
+        let out = cmd.output().expect("run the test binary");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (passed, text) = run(true);
+    assert!(!passed, "under CI the test must fail:\n{text}");
+    assert!(text.contains("CI must run them"), "{text}");
+    let (passed, text) = run(false);
+    assert!(passed, "outside CI the test skips:\n{text}");
+    assert!(text.contains("skipping"), "{text}");
+    assert!(text.contains("1 passed"), "it ran: {text}");
+}

@@ -18,7 +18,9 @@
 //! ```
 //!
 //! Any failure before the swap thaws the socket and the request is proxied as usual:
-//! the client never sees the difference. Why each piece of TCP state travels, and the
+//! the client never sees the difference. After the swap the connection is the BE's,
+//! even if "go" is lost (the BE then drops it, and the client gets a reset): the FE
+//! serves only before the swap, the BE only after "go", never both. Why each piece of TCP state travels, and the
 //! order of the restore, follow CRIU's soccr: wrong sequence numbers blackhole the
 //! flow, no MSS means 536-byte segments, no window scale means tiny windows, no
 //! timestamp offset means the client drops segments (PAWS). The two-phase
@@ -79,14 +81,25 @@ pub struct Handoff {
     cfg: HandoffConfig,
     metrics: Metrics,
     replay: ReplayGuard,
-    /// BE: moved connections being served, with the FE handoff port to notify.
-    live: Mutex<HashMap<Flow, u16>>,
+    /// BE: moved connections being served, with where their notices go.
+    live: Mutex<HashMap<Flow, Notices>>,
     /// BE: control connections being handled (bounds what unauthenticated peers cost).
     control: Arc<tokio::sync::Semaphore>,
     /// Whether sock_diag notices arrive (else moved flows are forgotten on a timer).
     diag: std::sync::atomic::AtomicBool,
-    /// BE: "closed" notices waiting to go out, per FE receiver.
-    closed: Mutex<HashMap<std::net::SocketAddrV4, Vec<Flow>>>,
+    /// BE: "closed" notices waiting to go out, per FE receiver (and source).
+    closed: Mutex<HashMap<Notices, Vec<Flow>>>,
+}
+
+/// Where a BE's notices about a moved connection go, and the address they come from:
+/// the BE address the FE dialled, which is the one its redirect forwards to, so the FE
+/// can tell that the notice concerns a flow it gave this BE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Notices {
+    /// The FE's receiver.
+    fe: std::net::SocketAddrV4,
+    /// The BE's address in the FE's redirect.
+    be: Ipv4Addr,
 }
 
 /// Control connections a BE handles at once.
@@ -143,8 +156,33 @@ impl Handoff {
             .any(|n| n.contains(&ip))
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Flow, u16>> {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Flow, Notices>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+impl Handoff {
+    /// A runtime for unit tests: a fresh key, loopback addresses, and a kernel table
+    /// name no test creates (its element operations fail, which the code under test
+    /// logs and survives).
+    pub(crate) fn for_tests() -> Arc<Self> {
+        let cfg = HandoffConfig {
+            key: Key::new(&[9; 32]).expect("a 32-byte key"),
+            timeout: Duration::from_millis(50),
+            listen_port: 15010,
+            default_port: 15010,
+            fe_cidrs: vec!["127.0.0.0/8".parse().expect("a network")],
+            peer_nets: vec!["127.0.0.0/8".parse().expect("a network")],
+            services: None,
+            app_addr: "127.0.0.1:8080".parse().expect("an address"),
+            tables: nft::Tables::new(
+                "baton-unit-test-absent",
+                Duration::from_secs(5),
+                Duration::from_secs(60),
+            ),
+        };
+        Self::new(cfg, Metrics::new())
     }
 }
 

@@ -212,6 +212,8 @@ pub struct HandoffMetrics {
     pub fallbacks: Labeled,
     /// FE: freeze to "go".
     pub latency: Histogram,
+    /// FE: switched connections whose "go" could not be written (still the BE's).
+    pub go_failed: Counter,
     /// BE: offers received.
     pub offers: Counter,
     /// BE: messages refused, by reason.
@@ -224,6 +226,8 @@ pub struct HandoffMetrics {
     pub closed_sent: Counter,
     /// FE: redirects removed on a BE's notice.
     pub closed_applied: Counter,
+    /// FE: flows in a BE's notice with no redirect to that BE (left alone).
+    pub notices_ignored: Counter,
 }
 
 /// Reasons a handoff falls back to proxying.
@@ -259,12 +263,14 @@ impl Default for HandoffMetrics {
             handed_off: Counter::default(),
             fallbacks: Labeled::new("reason", FALLBACK_REASONS),
             latency: Histogram::with_bounds(&HANDOFF_BUCKETS),
+            go_failed: Counter::default(),
             offers: Counter::default(),
             refused: Labeled::new("reason", REFUSAL_REASONS),
             aborted: Counter::default(),
             active: Gauge::default(),
             closed_sent: Counter::default(),
             closed_applied: Counter::default(),
+            notices_ignored: Counter::default(),
         }
     }
 }
@@ -304,6 +310,12 @@ impl HandoffMetrics {
             .render(out, "baton_handoff_duration_seconds", "");
         counter(
             out,
+            "baton_handoff_go_failed_total",
+            "Connections switched to a backend whose \"go\" could not be sent; they stay the backend's, which drops them unless \"go\" arrived (the client then gets a reset).",
+            self.go_failed.get(),
+        );
+        counter(
+            out,
             "baton_handoff_offers_total",
             "Offers received from frontends.",
             self.offers.get(),
@@ -336,6 +348,12 @@ impl HandoffMetrics {
             "baton_handoff_closed_applied_total",
             "Redirects removed on a backend's notice.",
             self.closed_applied.get(),
+        );
+        counter(
+            out,
+            "baton_handoff_notices_ignored_total",
+            "Flows in a backend's closed or alive notice that this frontend does not redirect to that backend; left alone.",
+            self.notices_ignored.get(),
         );
     }
 }

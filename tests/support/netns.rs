@@ -4,7 +4,9 @@
 //! the namespaces only, congestion control is `reno` (BBR over veth misbehaves here),
 //! and everything — processes first, then namespaces — is removed on drop, so also
 //! when a test panics. Needs root (CI runs as root); without it, [`Testbed::new`]
-//! returns `None` and the test says it was skipped.
+//! returns `None` and the test says it was skipped — except under CI (`CI` set and not
+//! empty), where a test that cannot build its testbed fails instead of passing
+//! silently.
 
 use std::{
     process::{Child, Command, Output, Stdio},
@@ -47,11 +49,23 @@ pub fn privileged() -> bool {
     uid.unwrap_or(false) && Command::new("ip").arg("-V").output().is_ok()
 }
 
+/// Whether CI runs the tests (`CI` set and not empty, as in tests/deploy.rs): there
+/// every test must really run.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty())
+}
+
 impl Testbed {
-    /// Builds namespaces for `hosts` plus a bridge; `None` without root.
+    /// Builds namespaces for `hosts` plus a bridge; `None` without root (the test
+    /// then skips), except under CI, where that panics (the test fails). Lacking
+    /// namespace support panics either way.
     pub fn new(hosts: &[&str]) -> Option<Testbed> {
         if !privileged() {
-            eprintln!("skipping: network-namespace tests need root");
+            let why = "network-namespace tests need root and the ip tool";
+            if under_ci() {
+                panic!("{why}, and CI must run them (CI is set): run the tests as root");
+            }
+            eprintln!("skipping: {why}; CI fails here");
             return None;
         }
         let n = NEXT.fetch_add(1, Ordering::SeqCst);

@@ -3,9 +3,9 @@
 //! BE's notices ("closed", "alive").
 
 use super::{
-    read_message, repair,
+    diag, read_message, repair,
     wire::{self, Envelope, Flow, Message, Offer, Refusal},
-    write_message, Handoff, ReadError,
+    write_message, Handoff, Notices, ReadError,
 };
 use crate::proxy::tcp::{self, ForwardMetrics};
 use std::{
@@ -97,33 +97,36 @@ impl Handoff {
         if let Err(e) = self.replay.check(&env, wire::now_ms()) {
             return self.refuse_read(from, &ReadError::Wire(e));
         }
-        let Envelope {
-            nonce,
-            sent_ms,
-            msg,
-        } = env;
+        let Envelope { nonce, msg, .. } = env;
         match msg {
             Message::Offer(offer) => {
                 // The exchange is done with the control connection either way.
-                let taken = self.take(conn, from, (nonce, sent_ms), offer, &drain).await;
+                let taken = self.take(conn, from, nonce, offer, &drain).await;
                 if let Some((socket, flow, data)) = taken {
                     drop(permit);
                     self.serve_moved(socket, flow, data, drain).await;
                 }
             }
+            // FE role. A notice concerns only the redirects to its sender: a BE ends
+            // or keeps the flows it was given, never another BE's, and "alive" never
+            // brings back a redirect that is gone.
             Message::Closed(flows) => {
-                // FE role: the BE's copies of these moved connections are gone.
-                if let Err(e) = self.cfg.tables.forget_all_moved(&flows) {
-                    tracing::warn!(error = %e, "cannot remove redirects");
+                // The BE's copies of these moved connections are gone.
+                let IpAddr::V4(be) = from.ip() else { return };
+                match self.cfg.tables.forget_moved_from(&flows, be) {
+                    Ok(n) => {
+                        self.metrics().closed_applied.add(n as u64);
+                        self.ignored(from, "closed", flows.len() - n);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot remove redirects"),
                 }
-                self.metrics().closed_applied.add(flows.len() as u64);
             }
             Message::Alive(flows) => {
-                // FE role: the BE still serves these; keep their redirects (to it).
-                if let IpAddr::V4(be) = from.ip() {
-                    if let Err(e) = self.cfg.tables.refresh_moved(&flows, be) {
-                        tracing::warn!(error = %e, "cannot refresh redirects");
-                    }
+                // The BE still serves these: keep their redirects (to it) from expiring.
+                let IpAddr::V4(be) = from.ip() else { return };
+                match self.cfg.tables.refresh_moved(&flows, be) {
+                    Ok(n) => self.ignored(from, "alive", flows.len() - n),
+                    Err(e) => tracing::warn!(error = %e, "cannot refresh redirects"),
                 }
             }
             _ => {
@@ -133,19 +136,40 @@ impl Handoff {
         }
     }
 
+    /// Counts the flows of a notice from `from` that had no redirect to it.
+    fn ignored(&self, from: SocketAddr, notice: &'static str, flows: usize) {
+        if flows > 0 {
+            self.metrics().notices_ignored.add(flows as u64);
+            tracing::debug!(%from, notice, flows, "notice about flows not redirected to its sender ignored");
+        }
+    }
+
     /// Checks and restores an offered connection and completes the ready/go exchange;
     /// the restored socket once "go" came.
+    ///
+    /// Whether the offer is late is not judged here: comparing its timestamp with this
+    /// host's clock would make the handoff depend on the two clocks agreeing within
+    /// the FE's timeout (tens of milliseconds). The timestamp only has to be inside
+    /// the freshness window [`wire::MAX_SKEW`], which bounds how long nonces are
+    /// remembered against replays. Lateness is the FE's timeout's business: an FE that
+    /// stopped waiting for "ready" has thawed the connection and proxies it, never
+    /// sends "go", and without "go" this side never writes a byte.
     async fn take(
         &self,
         mut conn: TcpStream,
         from: SocketAddr,
-        (nonce, sent_ms): ([u8; 16], u64),
+        nonce: [u8; 16],
         offer: Offer,
         drain: &watch::Receiver<bool>,
     ) -> Option<(socket2::Socket, Flow, Vec<u8>)> {
         let m = self.metrics();
         m.offers.incr();
         let flow = offer.flow();
+        // The FE's receiver, and this BE as the FE's redirect will name it.
+        let notices = Notices {
+            fe: SocketAddrV4::new(*flow.local.ip(), offer.fe_port),
+            be: *offer.be.ip(),
+        };
         let timeout_ms = offer.timeout_ms.min(MAX_OFFER_TIMEOUT_MS);
         let refuse = |why: Refusal| {
             m.refused.get(why.as_str()).incr();
@@ -164,8 +188,6 @@ impl Handoff {
             Some(Refusal::Target)
         } else if offer.app_port != self.cfg.app_addr.port() {
             Some(Refusal::App)
-        } else if wire::now_ms() > sent_ms.saturating_add(u64::from(timeout_ms)) {
-            Some(Refusal::Late)
         } else if *drain.borrow() {
             Some(Refusal::Busy)
         } else {
@@ -198,18 +220,24 @@ impl Handoff {
             self.replay.check(&env, wire::now_ms())?;
             Ok::<_, ReadError>(env.msg == Message::Go(nonce))
         };
+        // "go" is the only permission to serve (see `fe`, "The switch decides who
+        // serves"): the FE sends it only after its switch, and once switched never
+        // takes the connection back. So a control connection that closes, fails or
+        // stays silent means "no go", whether or not the FE switched: before its switch
+        // the FE serves, after it nobody does (and the client gets a reset), but never
+        // both.
         if !matches!(tokio::time::timeout(wait, go).await, Ok(Ok(true))) {
-            // The FE kept the connection (or vanished): leave no trace. Should the FE
-            // have switched after all, the notice removes its redirect, so the client
-            // gets a reset rather than silence.
+            // Leave no trace. Should the FE have switched, the notice removes its
+            // redirect, so the client gets a reset rather than silence; should it not
+            // have, the notice matches no redirect to this BE and changes nothing.
             m.aborted.incr();
             repair::close_silently(&socket);
             let _ = self.cfg.tables.forget_restored(flow);
-            self.notify_closed(flow, offer.fe_port);
+            self.notify_closed(flow, notices);
             tracing::debug!(client = %flow.client, "handoff aborted before go");
             return None;
         }
-        self.live().insert(flow, offer.fe_port);
+        self.live().insert(flow, notices);
         Some((socket, flow, offer.data))
     }
 
@@ -279,22 +307,21 @@ impl Handoff {
     /// The kernel destroyed a socket: if it was a moved connection, remove its local
     /// delivery and tell its FE to remove the redirect.
     pub async fn destroyed(&self, flow: Flow) {
-        let Some(fe_port) = self.live().remove(&flow) else {
+        let Some(notices) = self.live().remove(&flow) else {
             return;
         };
         if let Err(e) = self.cfg.tables.forget_restored(flow) {
             tracing::warn!(error = %e, "cannot remove local delivery");
         }
-        self.notify_closed(flow, fe_port);
+        self.notify_closed(flow, notices);
     }
 
     /// Queues the notice that `flow` is gone for its FE; [`Handoff::notices`] sends
     /// the queue in batches, so a churn of short connections costs each FE one
     /// notice connection per batch, not one per connection.
-    fn notify_closed(&self, flow: Flow, fe_port: u16) {
-        let fe = SocketAddrV4::new(*flow.local.ip(), fe_port);
+    fn notify_closed(&self, flow: Flow, notices: Notices) {
         let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
-        closed.entry(fe).or_default().push(flow);
+        closed.entry(notices).or_default().push(flow);
     }
 
     /// Sends the queued "closed" notices every [`NOTICE_EVERY`], batched per FE.
@@ -304,22 +331,29 @@ impl Handoff {
             tokio::time::sleep(NOTICE_EVERY).await;
             let queued =
                 std::mem::take(&mut *self.closed.lock().unwrap_or_else(|e| e.into_inner()));
-            for (fe, flows) in queued {
+            for (to, flows) in queued {
                 for chunk in flows.chunks(wire::MAX_ALIVE) {
-                    if self.notify(fe, Message::Closed(chunk.to_vec())).await {
+                    if self.notify(to, Message::Closed(chunk.to_vec())).await {
                         self.metrics().closed_sent.add(chunk.len() as u64);
                     } else {
-                        tracing::info!(%fe, flows = chunk.len(), "cannot tell a frontend moved connections closed; its redirects expire on their own");
+                        tracing::info!(fe = %to.fe, flows = chunk.len(), "cannot tell a frontend moved connections closed; its redirects expire on their own");
                     }
                 }
             }
         }
     }
 
-    async fn notify(&self, fe: SocketAddrV4, msg: Message) -> bool {
+    /// Sends `msg` to `to.fe`, from `to.be`: the address the FE's redirects name,
+    /// which is how the FE tells which flows are this BE's to refresh or end.
+    async fn notify(&self, to: Notices, msg: Message) -> bool {
         let frame = wire::encode(&self.cfg.key, &wire::envelope(msg));
         let sent = tokio::time::timeout(READ_TIMEOUT, async {
-            let mut c = TcpStream::connect(fe).await?;
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            // Notices are short connections this side closes first: let the bind
+            // reuse ports whose TIME_WAIT is still running.
+            socket.set_reuseaddr(true)?;
+            socket.bind(SocketAddr::from((to.be, 0)))?;
+            let mut c = socket.connect(SocketAddr::V4(to.fe)).await?;
             write_message(&mut c, &frame).await?;
             c.shutdown().await
         })
@@ -327,14 +361,45 @@ impl Handoff {
         matches!(sent, Ok(Ok(())))
     }
 
+    /// Checks that every live moved connection still has its socket (sock_diag, see
+    /// [`diag::gone`]) and treats those that do not as destroyed: what their lost
+    /// destroy notices would have done. How many were gone.
+    pub async fn sweep(&self) -> std::io::Result<usize> {
+        let flows: Vec<Flow> = self.live().keys().copied().collect();
+        if flows.is_empty() {
+            return Ok(0);
+        }
+        let gone = tokio::task::spawn_blocking(move || diag::gone(&flows))
+            .await
+            .map_err(std::io::Error::other)??;
+        for &flow in &gone {
+            self.destroyed(flow).await;
+        }
+        Ok(gone.len())
+    }
+
     /// Keeps the kernel entries of live moved connections from expiring: every third
-    /// of `BATON_HANDOFF_FLOW_TTL`, refreshes this BE's local delivery and tells each
-    /// FE which of its redirects are still in use. Runs until the process ends.
+    /// of `BATON_HANDOFF_FLOW_TTL`, checks that each one's socket still exists
+    /// ([`Handoff::sweep`]: a lost destroy notice must not keep a flow alive forever),
+    /// then refreshes this BE's local delivery of the rest and tells each FE which of
+    /// its redirects are still in use. Runs until the process ends.
     pub async fn refresh(self: Arc<Self>) {
         let every = self.cfg.tables.flow_ttl() / 3;
         loop {
             tokio::time::sleep(every).await;
-            let live: Vec<(Flow, u16)> = self.live().iter().map(|(f, p)| (*f, *p)).collect();
+            match self.sweep().await {
+                Ok(0) => {}
+                Ok(gone) => {
+                    tracing::info!(
+                        gone,
+                        "moved connections whose socket was gone without a notice forgotten"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check moved connections' sockets; refreshing them all")
+                }
+            }
+            let live: Vec<(Flow, Notices)> = self.live().iter().map(|(f, n)| (*f, *n)).collect();
             if live.is_empty() {
                 continue;
             }
@@ -342,17 +407,14 @@ impl Handoff {
             if let Err(e) = self.cfg.tables.refresh_restored(&flows) {
                 tracing::warn!(error = %e, "cannot refresh local delivery");
             }
-            let mut by_fe: HashMap<SocketAddrV4, Vec<Flow>> = HashMap::new();
-            for (flow, port) in live {
-                by_fe
-                    .entry(SocketAddrV4::new(*flow.local.ip(), port))
-                    .or_default()
-                    .push(flow);
+            let mut by_fe: HashMap<Notices, Vec<Flow>> = HashMap::new();
+            for (flow, to) in live {
+                by_fe.entry(to).or_default().push(flow);
             }
-            for (fe, flows) in by_fe {
+            for (to, flows) in by_fe {
                 for chunk in flows.chunks(wire::MAX_ALIVE) {
-                    if !self.notify(fe, Message::Alive(chunk.to_vec())).await {
-                        tracing::info!(%fe, "cannot refresh a frontend's redirects");
+                    if !self.notify(to, Message::Alive(chunk.to_vec())).await {
+                        tracing::info!(fe = %to.fe, "cannot refresh a frontend's redirects");
                     }
                 }
             }

@@ -8,6 +8,19 @@
 //! the server reads beyond those bytes (pipelined requests travel along), holds the
 //! server's reads while the socket is frozen, and after a handoff fails every
 //! operation, so the server gives the connection up without writing to it.
+//!
+//! ## The switch decides who serves
+//!
+//! The nft batch that swaps the hold for the redirect is the point of no return.
+//! Before it, any failure thaws the socket and the FE proxies the request; it then
+//! never sends "go", and the BE, which writes nothing before "go", drops its copy
+//! unseen. Once the batch is committed the connection is the BE's: the FE never thaws
+//! it again, not even when writing "go" fails or times out, because such a write may
+//! still have reached the BE, and thawing would let both answer the same request. A BE
+//! that did not get "go" drops its copy and sends "closed", which removes the redirect,
+//! so the client gets a reset when it next sends, instead of a response from both. So
+//! at most one side ever serves: the FE only before the switch, the BE only after "go",
+//! and "go" only ever follows the switch.
 
 use super::{
     read_message, repair,
@@ -436,6 +449,7 @@ impl Handoff {
         peer: SocketAddrV4,
         app_port: u16,
     ) -> Result<Instant, &'static str> {
+        let m = self.metrics();
         let flow = t.0.flow;
         let tables = &self.cfg.tables;
         let Some((owned, mut data)) = t.freeze_gate() else {
@@ -497,27 +511,33 @@ impl Handoff {
         // 4. switch: hold -> redirect in one batch, then "go".
         if let Err(e) = tables.redirect(flow, *peer.ip()) {
             tracing::warn!(error = %e, "cannot install the redirect");
+            // A failed batch changed nothing; removing the redirect anyway covers one
+            // that was applied but whose acknowledgement went missing. No "go" follows,
+            // so the BE never serves.
+            let _ = tables.forget_moved(flow);
             return thaw("table");
         }
+        // From here on the connection is the BE's, whatever becomes of "go" (see "The
+        // switch decides who serves" above). The frozen socket closes without a trace
+        // once the server lets go of it (this descriptor closes when `fd`'s owner
+        // drops, in repair mode too).
+        t.moved_gate();
         let go = wire::encode(&self.cfg.key, &wire::envelope(Message::Go(offer.nonce)));
         let sent = tokio::time::timeout(self.cfg.timeout, write_message(&mut control, &go)).await;
-        if !matches!(sent, Ok(Ok(()))) {
-            // The BE will give up on its copy; take the flow back.
-            if tables.unredirect_to_hold(flow).is_err() && tables.forget_moved(flow).is_err() {
-                tracing::error!(client = %flow.client, "cannot remove a redirect; the flow is lost until it expires");
-            }
-            return thaw("protocol");
+        if matches!(sent, Ok(Ok(()))) {
+            // The BE closes the control connection first, so the TIME_WAIT lands on its
+            // side: otherwise every handoff would park one of this host's ephemeral
+            // ports for a minute, and a busy FE runs out of them.
+            tokio::spawn(async move {
+                let mut rest = [0u8; 64];
+                let _ = tokio::time::timeout(CONTROL_LINGER, control.read(&mut rest)).await;
+            });
+        } else {
+            // Not thawing: "go" may have arrived all the same. If it did not, the BE
+            // drops its copy and its "closed" notice removes the redirect.
+            m.go_failed.incr();
+            tracing::warn!(client = %flow.client, be = %peer, "cannot send \"go\" after the switch; the backend keeps the connection only if it got it");
         }
-        // 5. the frozen socket closes without a trace once the server lets go of it
-        // (this descriptor closes when `fd`'s owner drops, in repair mode too).
-        t.moved_gate();
-        // The BE closes the control connection first, so the TIME_WAIT lands on its
-        // side: otherwise every handoff would park one of this host's ephemeral ports
-        // for a minute, and a busy FE runs out of them.
-        tokio::spawn(async move {
-            let mut rest = [0u8; 64];
-            let _ = tokio::time::timeout(CONTROL_LINGER, control.read(&mut rest)).await;
-        });
         tracing::trace!(
             hold = ?started.duration_since(t0),
             dump = ?t_dump,

@@ -9,10 +9,22 @@
 //! Each worker thread keeps its own netlink socket (an operation is a few microseconds
 //! of synchronous kernel work, with no await inside), so handoffs on different threads
 //! never wait for each other.
+//!
+//! A BE's notices change the FE's `moved` map only where it maps the flow to that BE:
+//! "alive" refreshes such an entry and never creates one, "closed" removes only such
+//! an entry. Both read the element first (NFT_MSG_GETSETELEM); one lock orders these
+//! read-then-write steps with each other and with new redirects, so a notice never
+//! acts on an entry that changed under it.
 
 use super::wire::Flow;
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
-use std::{cell::RefCell, io, net::Ipv4Addr, time::Duration};
+use std::{
+    cell::RefCell,
+    io,
+    net::Ipv4Addr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
 
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
@@ -22,6 +34,7 @@ const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
 /// Like DELSETELEM, but a missing element is not an error (Linux 6.3+).
 const NFT_MSG_DESTROYSETELEM: u16 = 30;
 const NFPROTO_NETDEV: u8 = 5;
@@ -35,6 +48,7 @@ const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_DATA_VALUE: u16 = 1;
 const NLA_F_NESTED: u16 = 0x8000;
+const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// The FE's set of flows being frozen: their packets are dropped.
 pub const HELD: &str = "held";
@@ -45,6 +59,9 @@ pub const RESTORED: &str = "restored";
 
 /// Flows per refresh batch.
 const REFRESH_CHUNK: usize = 256;
+/// Element lookups per `sendmsg`: their replies (an element and an acknowledgement
+/// each) must fit in the socket's receive buffer at once.
+const QUERY_CHUNK: usize = 32;
 
 /// The `netdev` table baton's handoff sets live in.
 #[derive(Clone, Debug)]
@@ -52,6 +69,8 @@ pub struct Tables {
     table: String,
     hold_ttl: Duration,
     flow_ttl: Duration,
+    /// Orders the read-then-write changes of `moved` (see the module docs).
+    moved: Arc<Mutex<()>>,
 }
 
 /// One element change.
@@ -76,6 +95,7 @@ impl Tables {
             table: table.into(),
             hold_ttl,
             flow_ttl,
+            moved: Arc::default(),
         }
     }
 
@@ -106,6 +126,7 @@ impl Tables {
 
     /// FE: atomically swap the hold for a redirect of the flow to `be`.
     pub fn redirect(&self, flow: Flow, be: Ipv4Addr) -> io::Result<()> {
+        let _moved = self.lock_moved();
         self.apply(&[
             Op::Add {
                 set: MOVED,
@@ -117,41 +138,92 @@ impl Tables {
         ])
     }
 
-    /// FE: undo [`Tables::redirect`] back to a hold (the BE never got "go").
-    pub fn unredirect_to_hold(&self, flow: Flow) -> io::Result<()> {
-        self.apply(&[
-            Op::Add {
-                set: HELD,
-                flow,
-                data: None,
-                ttl: self.hold_ttl,
-            },
-            Op::Remove { set: MOVED, flow },
-        ])
-    }
-
-    /// FE: the moved connection is gone.
+    /// FE: the moved connection is gone (whichever BE it went to).
     pub fn forget_moved(&self, flow: Flow) -> io::Result<()> {
-        self.forget_all_moved(&[flow])
+        let _moved = self.lock_moved();
+        self.apply(&[Op::Remove { set: MOVED, flow }])
     }
 
-    /// FE: these moved connections are gone.
-    pub fn forget_all_moved(&self, flows: &[Flow]) -> io::Result<()> {
-        for chunk in flows.chunks(REFRESH_CHUNK) {
-            let ops: Vec<Op> = chunk
+    /// FE: the BE `be` says these moved connections are gone: removes the redirects
+    /// of those that `moved` maps to `be` (another BE's flows, or a flow redirected
+    /// anew, are not its to end). How many were removed.
+    pub fn forget_moved_from(&self, flows: &[Flow], be: Ipv4Addr) -> io::Result<usize> {
+        self.change_moved_of(flows, be, |flow| vec![Op::Remove { set: MOVED, flow }])
+    }
+
+    /// FE: the BE `be` says these moved connections are alive: keeps the redirects of
+    /// those that `moved` maps to `be` from expiring, and creates none (a redirect
+    /// that is gone stays gone: its connection was closed, or went elsewhere). Each
+    /// element is replaced (destroy + add in one batch), which resets its timeout on
+    /// any kernel. How many were refreshed.
+    pub fn refresh_moved(&self, flows: &[Flow], be: Ipv4Addr) -> io::Result<usize> {
+        self.change_moved_of(flows, be, |flow| {
+            vec![
+                Op::Remove { set: MOVED, flow },
+                Op::Add {
+                    set: MOVED,
+                    flow,
+                    data: Some(be),
+                    ttl: self.flow_ttl,
+                },
+            ]
+        })
+    }
+
+    /// Applies `ops` to each of `flows` that `moved` maps to `be`, looking up and
+    /// changing a chunk at a time under the lock. How many flows matched.
+    fn change_moved_of(
+        &self,
+        flows: &[Flow],
+        be: Ipv4Addr,
+        ops: impl Fn(Flow) -> Vec<Op>,
+    ) -> io::Result<usize> {
+        let mut changed = 0;
+        for chunk in flows.chunks(QUERY_CHUNK) {
+            let _moved = self.lock_moved();
+            let mapped = self.moved_to(chunk)?;
+            let theirs: Vec<Flow> = chunk
                 .iter()
-                .map(|&flow| Op::Remove { set: MOVED, flow })
+                .zip(mapped)
+                .filter(|(_, to)| *to == Some(be))
+                .map(|(&flow, _)| flow)
                 .collect();
-            self.apply(&ops)?;
+            if theirs.is_empty() {
+                continue;
+            }
+            let batch: Vec<Op> = theirs.iter().flat_map(|&flow| ops(flow)).collect();
+            self.apply(&batch)?;
+            changed += theirs.len();
         }
-        Ok(())
+        Ok(changed)
     }
 
-    /// FE: keep the redirects of `flows` to `be` from expiring (a BE said they are
-    /// alive). Each element is replaced (destroy + add in one batch), which resets
-    /// its timeout on any kernel.
-    pub fn refresh_moved(&self, flows: &[Flow], be: Ipv4Addr) -> io::Result<()> {
-        self.replace(MOVED, flows, Some(be))
+    fn lock_moved(&self) -> MutexGuard<'_, ()> {
+        self.moved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where `moved` sends each of `flows` (`None`: no entry).
+    pub fn moved_to(&self, flows: &[Flow]) -> io::Result<Vec<Option<Ipv4Addr>>> {
+        let mut out = Vec::with_capacity(flows.len());
+        for chunk in flows.chunks(QUERY_CHUNK) {
+            let request = self.lookups(MOVED, chunk);
+            let answers = with_socket(|s| s.query(&request, chunk.len()))?;
+            for (flow, answer) in chunk.iter().zip(answers) {
+                out.push(match answer {
+                    Answer::Found(payload) => match element(&payload) {
+                        Some((key, data)) if key == key_bytes(*flow) => data,
+                        _ => {
+                            return Err(io::Error::other(
+                                "nftables answered a lookup with another element",
+                            ))
+                        }
+                    },
+                    Answer::Error(code) if code == libc::ENOENT => None,
+                    Answer::Error(code) => return Err(io::Error::from_raw_os_error(code)),
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// BE: keep the local delivery of `flows` from expiring.
@@ -205,23 +277,33 @@ impl Tables {
     }
 
     fn apply(&self, ops: &[Op]) -> io::Result<()> {
-        thread_local! {
-            static SOCKET: RefCell<Option<NfSocket>> = const { RefCell::new(None) };
-        }
         let batch = self.batch(ops);
-        SOCKET.with(|cell| {
-            let mut cell = cell.borrow_mut();
-            let sock = match cell.as_mut() {
-                Some(s) => s,
-                None => cell.insert(NfSocket::open()?),
-            };
-            let result = sock.transact(&batch, ops.len());
-            if result.is_err() {
-                // Start over with a fresh socket: this one may hold stale replies.
-                *cell = None;
-            }
-            result
-        })
+        with_socket(|s| s.transact(&batch, ops.len()))
+    }
+
+    /// GETSETELEM requests for `flows` in `set`, sequence numbers 1, 2, ...
+    fn lookups(&self, set: &str, flows: &[Flow]) -> Vec<u8> {
+        let mut b = Msg::default();
+        for (seq, flow) in (1..).zip(flows) {
+            let start = b.message(
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
+                NLM_F_REQUEST | NLM_F_ACK,
+                seq,
+                NFPROTO_NETDEV,
+                0,
+            );
+            b.attr_str(NFTA_SET_ELEM_LIST_TABLE, &self.table);
+            b.attr_str(NFTA_SET_ELEM_LIST_SET, set);
+            let elements = b.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+            let elem = b.nest(NFTA_LIST_ELEM);
+            let key = b.nest(NFTA_SET_ELEM_KEY);
+            b.attr(NFTA_DATA_VALUE, &key_bytes(*flow));
+            b.end(key);
+            b.end(elem);
+            b.end(elements);
+            b.finish(start);
+        }
+        b.0
     }
 
     fn batch(&self, ops: &[Op]) -> Vec<u8> {
@@ -280,6 +362,63 @@ impl Tables {
         );
         b.0
     }
+}
+
+/// Runs `f` on this thread's netfilter socket (opened on first use, and again after
+/// a failure: a failed socket may hold stale replies).
+fn with_socket<T>(f: impl FnOnce(&mut NfSocket) -> io::Result<T>) -> io::Result<T> {
+    thread_local! {
+        static SOCKET: RefCell<Option<NfSocket>> = const { RefCell::new(None) };
+    }
+    SOCKET.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let sock = match cell.as_mut() {
+            Some(s) => s,
+            None => cell.insert(NfSocket::open()?),
+        };
+        let result = f(sock);
+        if result.is_err() {
+            *cell = None;
+        }
+        result
+    })
+}
+
+/// The netlink attributes in `buf`: (type without flags, payload).
+fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let h = buf.get(at..at + 4)?;
+        let len = usize::from(u16::from_ne_bytes([h[0], h[1]]));
+        let kind = u16::from_ne_bytes([h[2], h[3]]) & NLA_TYPE_MASK;
+        if len < 4 {
+            return None;
+        }
+        let value = buf.get(at + 4..at + len)?;
+        at += (len + 3) & !3;
+        Some((kind, value))
+    })
+}
+
+fn attr(buf: &[u8], kind: u16) -> Option<&[u8]> {
+    attrs(buf).find(|(k, _)| *k == kind).map(|(_, v)| v)
+}
+
+/// The key and (for a map) the IPv4 data of the element in a NEWSETELEM message's
+/// payload (nfgenmsg, then the element list).
+fn element(payload: &[u8]) -> Option<([u8; 16], Option<Ipv4Addr>)> {
+    let list = attr(payload.get(4..)?, NFTA_SET_ELEM_LIST_ELEMENTS)?;
+    let elem = attr(list, NFTA_LIST_ELEM)?;
+    let key = attr(attr(elem, NFTA_SET_ELEM_KEY)?, NFTA_DATA_VALUE)?;
+    let key: [u8; 16] = key.try_into().ok()?;
+    let data = match attr(elem, NFTA_SET_ELEM_DATA) {
+        None => None,
+        Some(d) => {
+            let ip: [u8; 4] = attr(d, NFTA_DATA_VALUE)?.try_into().ok()?;
+            Some(Ipv4Addr::from(ip))
+        }
+    };
+    Some((key, data))
 }
 
 /// The set key `ip saddr . tcp sport . ip daddr . tcp dport` of the client's packets:
@@ -403,6 +542,72 @@ impl NfSocket {
         }
         first_error.map_or(Ok(()), Err)
     }
+
+    /// Sends the `expect` requests in `msgs` (sequence numbers 1..=expect, each with
+    /// NLM_F_ACK) and collects each one's answer: its data message, or its error.
+    /// Like batches, these are answered inside `sendmsg`.
+    fn query(&mut self, msgs: &[u8], expect: usize) -> io::Result<Vec<Answer>> {
+        self.0.send(msgs, 0)?;
+        let mut data: Vec<Option<Vec<u8>>> = vec![None; expect];
+        let mut answers: Vec<Option<Answer>> = (0..expect).map(|_| None).collect();
+        let mut acked = 0;
+        let mut buf = vec![0u8; 8192];
+        while acked < expect {
+            let n = match self.0.recv(&mut &mut buf[..], libc::MSG_DONTWAIT) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(io::Error::other("nftables lookup not answered"))
+                }
+                Err(e) => return Err(e),
+            };
+            let mut at = 0;
+            while at + 16 <= n {
+                let len =
+                    u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+                let seq =
+                    u32::from_ne_bytes([buf[at + 8], buf[at + 9], buf[at + 10], buf[at + 11]]);
+                if len < 16 || at + len > n {
+                    break;
+                }
+                let slot = (seq as usize).checked_sub(1).filter(|&i| i < expect);
+                if let Some(i) = slot {
+                    if kind == NLMSG_ERROR && len >= 20 {
+                        let code = i32::from_ne_bytes([
+                            buf[at + 16],
+                            buf[at + 17],
+                            buf[at + 18],
+                            buf[at + 19],
+                        ]);
+                        if answers[i].is_none() {
+                            acked += 1;
+                        }
+                        answers[i] = Some(match (code, data[i].take()) {
+                            (0, Some(payload)) => Answer::Found(payload),
+                            // Acknowledged without the element: not an answer.
+                            (0, None) => Answer::Error(libc::EIO),
+                            (code, _) => Answer::Error(-code),
+                        });
+                    } else if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM {
+                        data[i] = Some(buf[at + 16..at + len].to_vec());
+                    }
+                }
+                at += (len + 3) & !3;
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.unwrap_or(Answer::Error(libc::EIO)))
+            .collect())
+    }
+}
+
+/// The kernel's answer to one lookup.
+enum Answer {
+    /// The element (a NEWSETELEM message's payload).
+    Found(Vec<u8>),
+    /// The request failed with this errno (`ENOENT`: no such element).
+    Error(i32),
 }
 
 #[cfg(test)]
@@ -420,6 +625,85 @@ mod tests {
             key_bytes(flow),
             [10, 0, 0, 1, 0x04, 0xd3, 0, 0, 10, 0, 0, 2, 0, 80, 0, 0]
         );
+    }
+
+    /// A NEWSETELEM message as the kernel answers a lookup of `flow` in `moved`.
+    fn answer(flow: Flow, be: Option<Ipv4Addr>) -> Vec<u8> {
+        let mut b = Msg::default();
+        let start = b.message(
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
+            0,
+            1,
+            NFPROTO_NETDEV,
+            0,
+        );
+        b.attr_str(NFTA_SET_ELEM_LIST_TABLE, "baton");
+        b.attr_str(NFTA_SET_ELEM_LIST_SET, MOVED);
+        let elements = b.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+        let elem = b.nest(NFTA_LIST_ELEM);
+        let key = b.nest(NFTA_SET_ELEM_KEY);
+        b.attr(NFTA_DATA_VALUE, &key_bytes(flow));
+        b.end(key);
+        if let Some(ip) = be {
+            let d = b.nest(NFTA_SET_ELEM_DATA);
+            b.attr(NFTA_DATA_VALUE, &ip.octets());
+            b.end(d);
+        }
+        b.attr(NFTA_SET_ELEM_TIMEOUT, &60_000u64.to_be_bytes());
+        b.end(elem);
+        b.end(elements);
+        b.finish(start);
+        b.0[16..].to_vec()
+    }
+
+    #[test]
+    fn a_lookup_answer_gives_the_element_and_where_it_goes() {
+        let flow = Flow {
+            client: "10.0.0.1:1".parse().unwrap(),
+            local: "10.0.0.2:2".parse().unwrap(),
+        };
+        let be: Ipv4Addr = "10.0.0.3".parse().unwrap();
+        assert_eq!(
+            element(&answer(flow, Some(be))),
+            Some((key_bytes(flow), Some(be)))
+        );
+        assert_eq!(element(&answer(flow, None)), Some((key_bytes(flow), None)));
+        let whole = answer(flow, Some(be));
+        for cut in 0..whole.len() - 8 {
+            // Truncated answers are refused (or lack the data), never misread.
+            assert_ne!(element(&whole[..cut]), Some((key_bytes(flow), Some(be))));
+        }
+    }
+
+    #[test]
+    fn lookups_are_numbered_from_one_and_carry_each_key() {
+        let t = Tables::new("baton", Duration::from_secs(5), Duration::from_secs(60));
+        let flows = [
+            Flow {
+                client: "10.0.0.1:1".parse().unwrap(),
+                local: "10.0.0.2:2".parse().unwrap(),
+            },
+            Flow {
+                client: "10.0.0.1:3".parse().unwrap(),
+                local: "10.0.0.2:2".parse().unwrap(),
+            },
+        ];
+        let b = t.lookups(MOVED, &flows);
+        let mut at = 0;
+        let mut seqs = vec![];
+        while at < b.len() {
+            let len = u32::from_ne_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+            let kind = u16::from_ne_bytes(b[at + 4..at + 6].try_into().unwrap());
+            let flags = u16::from_ne_bytes(b[at + 6..at + 8].try_into().unwrap());
+            assert_eq!(kind, (10 << 8) | NFT_MSG_GETSETELEM);
+            assert_eq!(flags, NLM_F_REQUEST | NLM_F_ACK);
+            seqs.push(u32::from_ne_bytes(b[at + 8..at + 12].try_into().unwrap()));
+            let (key, data) = element(&b[at + 16..at + len]).unwrap();
+            assert_eq!(key, key_bytes(flows[seqs.len() - 1]));
+            assert_eq!(data, None);
+            at += len;
+        }
+        assert_eq!(seqs, [1, 2]);
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //! before it, so every message is authenticated and tamper-evident. `sent_ms` (Unix
 //! milliseconds) and the random `nonce` refuse replays: a receiver accepts a message only
 //! within [`MAX_SKEW`] of its own clock and only once per nonce (see [`ReplayGuard`]).
+//! The window is seconds wide on purpose: it only bounds how long nonces must be
+//! remembered, so hosts' clocks need not agree closely. Nothing judges timeliness by
+//! comparing two hosts' clocks more finely (a late "ready" is the FE's timeout's
+//! business, see `be`).
 //! Replies carry the nonce of the offer they answer, so a reply cannot be replayed into
 //! another handoff. The decoder never trusts a length it has not bounds-checked; the
 //! fuzz target in `layers/fuzz` feeds it arbitrary bytes.
@@ -113,7 +117,8 @@ pub enum Refusal {
     Target = 5,
     /// The offer's endpoint port is not this BE's application.
     App = 6,
-    /// The FE has given up waiting already.
+    /// The FE has given up waiting already. No longer sent (it compared the two
+    /// hosts' clocks); still understood from older batons.
     Late = 7,
 }
 
@@ -579,6 +584,41 @@ mod tests {
         assert_eq!(guard.check(&env, env.sent_ms), Ok(()));
         assert_eq!(guard.check(&env, env.sent_ms), Err(WireError::Replay));
         assert_eq!(guard.check(&envelope(offer()), env.sent_ms), Ok(()));
+    }
+
+    /// Clocks apart by up to the window: a message is accepted once, and every later
+    /// copy is refused — as a replay while it is fresh, as stale after — however the
+    /// guard prunes in between.
+    #[test]
+    fn skewed_messages_are_accepted_once_and_never_again() {
+        let k = key(1);
+        let skew = MAX_SKEW.as_millis() as u64;
+        for offset in [skew - 1, skew / 2, 0] {
+            for ahead in [true, false] {
+                let guard = ReplayGuard::default();
+                let env = envelope(offer());
+                let frame = encode(&k, &env);
+                // The receiver's clock, `offset` ahead of or behind the sender's.
+                let now = if ahead {
+                    env.sent_ms + offset
+                } else {
+                    env.sent_ms - offset
+                };
+                let got = decode(&k, &frame[4..], now).unwrap();
+                assert_eq!(guard.check(&got, now), Ok(()), "{offset} ms, ahead {ahead}");
+                for later in (1..=2 * skew + 2000).step_by(250) {
+                    let t = now + later;
+                    let refused = match decode(&k, &frame[4..], t) {
+                        Err(e) => e,
+                        Ok(again) => guard.check(&again, t).unwrap_err(),
+                    };
+                    assert!(
+                        matches!(refused, WireError::Replay | WireError::Stale),
+                        "{offset} ms, ahead {ahead}, {later} ms later: {refused:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
