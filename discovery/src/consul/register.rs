@@ -10,7 +10,7 @@
 
 use super::{
     api::Registration,
-    client::{encode, go_duration, Client, Error},
+    client::{blocking_deadline, encode, go_duration, Client, Error, CALL_TIMEOUT},
     retry::{Backoff, TokenBucket},
 };
 use bytes::Bytes;
@@ -28,9 +28,6 @@ pub struct Registrar {
     wait: Duration,
     backoff: Backoff,
 }
-
-/// How long a registration call may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Registrar {
     /// A registrar of `registration`; `wait` bounds its blocking queries.
@@ -127,12 +124,9 @@ impl Registrar {
             let mut path = format!("/v1/agent/service/{}", encode(id));
             let mut timeout = CALL_TIMEOUT;
             if let Some(h) = &hash {
-                path.push_str(&format!(
-                    "?hash={}&wait={}",
-                    encode(h),
-                    go_duration(self.wait)
-                ));
-                timeout += self.wait + self.wait / 16;
+                let (wait, deadline) = blocking_deadline(self.wait);
+                path.push_str(&format!("?hash={}&wait={}", encode(h), go_duration(wait)));
+                timeout = deadline;
             }
             let answer = tokio::select! {
                 biased;
@@ -190,5 +184,85 @@ async fn pause(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
         biased;
         _ = stopped(stop) => true,
         _ = tokio::time::sleep(d) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consul::{
+        api::{HttpCheck, Weights},
+        test_agent::{Asked, TestAgent},
+    };
+    use std::{collections::BTreeMap, sync::Arc};
+
+    pub(super) fn registration() -> Registration {
+        Registration {
+            id: "web-1".into(),
+            name: "web".into(),
+            tags: Vec::new(),
+            address: "127.0.0.1".into(),
+            port: 8080,
+            meta: BTreeMap::new(),
+            weights: Weights::default(),
+            check: HttpCheck {
+                name: "baton ready".into(),
+                http: "http://127.0.0.1:15021/ready".into(),
+                interval: "10s".into(),
+                timeout: "2s".into(),
+                deregister_critical_service_after: "1m".into(),
+            },
+        }
+    }
+
+    /// Waits (real time, bounded) until the agent has been asked something `pred` likes.
+    pub(super) async fn until_asked(agent: &TestAgent, pred: impl Fn(&Asked) -> bool) {
+        for _ in 0..500 {
+            if agent.asked().iter().any(&pred) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never asked; got {:?}", agent.asked());
+    }
+
+    #[tokio::test]
+    async fn a_wait_beyond_consuls_limit_is_cut_to_it() {
+        let agent = TestAgent::start(|_| {
+            (
+                200,
+                vec![("x-consul-contenthash", "h1".into())],
+                "{}".into(),
+            )
+        })
+        .await;
+        let registrar = Arc::new(
+            Registrar::new(
+                agent.client(),
+                &registration(),
+                Duration::MAX,
+                Duration::from_millis(10),
+                Duration::from_millis(10),
+            )
+            .unwrap(),
+        );
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn({
+            let r = registrar.clone();
+            async move { r.run(stop_rx).await }
+        });
+        until_asked(&agent, |a| {
+            a.uri.ends_with("/v1/agent/service/web-1?hash=h1&wait=600s")
+        })
+        .await;
+        stop.send(true).unwrap();
+        task.await
+            .expect("the loop neither panics nor hangs on stop");
+        let first = &agent.asked()[0];
+        assert_eq!(first.method, Method::PUT);
+        assert!(
+            first.uri.contains("/v1/agent/service/register"),
+            "{first:?}"
+        );
     }
 }

@@ -22,7 +22,7 @@
 
 use super::{
     api::ServiceEntry,
-    client::{encode, go_duration, Client, Error},
+    client::{blocking_deadline, encode, go_duration, Client, Error, CALL_TIMEOUT},
     retry::{Backoff, TokenBucket},
 };
 use crate::{Instance, Registry};
@@ -90,11 +90,11 @@ pub async fn health_service(
 ) -> Result<Health, Error> {
     let mut path = format!("/v1/health/service/{}?passing", encode(service));
     client.read_options(&mut path);
-    let mut timeout = Duration::from_secs(10);
+    let mut timeout = CALL_TIMEOUT;
     if index > 0 {
+        let (wait, deadline) = blocking_deadline(wait);
         path.push_str(&format!("&index={index}&wait={}", go_duration(wait)));
-        // The agent adds up to wait/16 of jitter to the wait.
-        timeout += wait + wait / 16;
+        timeout = deadline;
     }
     let rsp = client
         .request(Method::GET, &path, None, timeout)
@@ -266,6 +266,25 @@ impl Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consul::test_agent::TestAgent;
+
+    #[tokio::test]
+    async fn a_wait_beyond_consuls_limit_is_cut_to_it() {
+        let agent =
+            TestAgent::start(|_| (200, vec![("x-consul-index", "7".into())], "[]".into())).await;
+        let health = health_service(&agent.client(), "web", 5, Duration::MAX)
+            .await
+            .unwrap();
+        assert_eq!(health.index, Some(7));
+        let asked = agent.asked();
+        assert_eq!(asked.len(), 1);
+        assert!(
+            asked[0]
+                .uri
+                .ends_with("/v1/health/service/web?passing&index=5&wait=600s"),
+            "{asked:?}"
+        );
+    }
 
     #[test]
     fn index_rules() {
