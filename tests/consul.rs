@@ -386,6 +386,75 @@ async fn consul_down_for_ten_seconds_under_load_fails_nothing() {
 }
 
 #[tokio::test]
+async fn a_hung_agent_is_noticed_at_the_query_deadline() {
+    let (consul, api, relay, service) = setup("hung").await;
+    let a = instance("a").await;
+    let b = instance("b").await;
+    register(&api, &service, &a, json!({})).await;
+    register(&api, &service, &b, json!({})).await;
+    // A short wait: the blocking query's deadline is wait + wait/16 + 10 s.
+    let baton = baton_for(&service, &relay, &consul, &[("BATON_CONSUL_WAIT", "1s")]).await;
+    until_routed(&baton, 4, only(&[a.name, b.name])).await;
+
+    // The agent accepts connections but answers nothing, not even the blocking query
+    // in flight: no error, no reset, only silence.
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = load(&baton, 2, stop.clone());
+    let hung_at = Instant::now();
+    relay.hang();
+    let stale = format!("baton_discovery_stale_seconds{{service=\"{service}\"}}");
+    let endpoints = format!("baton_endpoints{{service=\"{service}\"}}");
+    let during = until_within(
+        "the service marked stale",
+        Duration::from_secs(40),
+        async || {
+            let m = baton.metrics().await;
+            (metric(&m, &stale) > 0.0).then_some(m)
+        },
+    )
+    .await;
+    assert_eq!(metric(&during, &endpoints), 2.0, "{during}");
+    // It retries, with a full read (and that query hangs too, until its own deadline).
+    until_within("a retry", Duration::from_secs(10), async || {
+        relay
+            .requests()
+            .iter()
+            .any(|r| r.at > hung_at && r.path.ends_with(&service) && !r.has_param("index"))
+            .then_some(())
+    })
+    .await;
+    let log = baton.log();
+    assert!(
+        log.contains("no answer from the Consul agent within")
+            && log.contains("serving the last known instances"),
+        "{log}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (total, failures) = running.await.unwrap();
+    assert!(total > 0);
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed while the agent hung: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+
+    relay.unhang();
+    until_within(
+        "the stale mark to clear",
+        Duration::from_secs(30),
+        async || (metric(&baton.metrics().await, &stale) == 0.0).then_some(()),
+    )
+    .await;
+    let c = instance("c").await;
+    register(&api, &service, &c, json!({})).await;
+    until_routed(&baton, 6, only(&[a.name, b.name, c.name])).await;
+    for up in [&a, &b, &c] {
+        api.deregister(up.name).await;
+    }
+}
+
+#[tokio::test]
 async fn churn_under_load_fails_no_request() {
     let (consul, api, relay, service) = setup("churn").await;
     let a = instance("a").await;
@@ -542,16 +611,17 @@ async fn start_registering(
     (baton, peer, id, registered)
 }
 
-async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+async fn until<T>(what: &str, f: impl AsyncFnMut() -> Option<T>) -> T {
+    until_within(what, Duration::from_secs(15), f).await
+}
+
+async fn until_within<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f().await {
             return v;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "timed out waiting for {what}"
-        );
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
