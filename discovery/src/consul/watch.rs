@@ -27,7 +27,8 @@ use super::{
 };
 use crate::{Instance, Registry};
 use http::Method;
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{collections::HashSet, future::Future, sync::Arc, time::Duration};
+use tokio::time::Instant;
 
 /// Settings of the watches (`BATON_CONSUL_*`).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -131,7 +132,7 @@ pub fn next_index(sent: u64, returned: Option<u64>) -> Option<u64> {
 }
 
 /// The watch of one service.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Watch {
     client: Client,
     service: Arc<str>,
@@ -155,7 +156,21 @@ impl Watch {
         }
     }
 
-    /// Watches until the task is dropped.
+    /// Watches until dropped, in a task of its own that is restarted whenever it ends
+    /// or panics (neither should happen; if one does, the service must not silently
+    /// stop following Consul): the failure is logged at error, the service marked
+    /// stale — its last known instances keep serving — and the watch started again
+    /// after a backoff.
+    pub async fn supervise(self) {
+        let backoff = Backoff {
+            base: self.settings.backoff_base,
+            max: self.settings.backoff_max,
+        };
+        let (service, registry) = (self.service.clone(), self.registry.clone());
+        supervise(&service, &registry, backoff, move || self.clone().run()).await;
+    }
+
+    /// Watches until dropped.
     pub async fn run(self) {
         let mut bucket = TokenBucket::new(self.settings.rate, self.settings.burst);
         let backoff = Backoff {
@@ -263,6 +278,59 @@ impl Watch {
     }
 }
 
+/// A watch that ran this long before failing starts over with the shortest backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// Runs `start()`'s future in a task, again and again: see [`Watch::supervise`].
+/// Dropping the supervisor stops the task.
+pub(crate) async fn supervise<F, Fut>(
+    service: &str,
+    registry: &Registry,
+    backoff: Backoff,
+    mut start: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    /// Aborts the task when the supervisor goes away.
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+
+    let mut restarts = 0u32;
+    loop {
+        let started = Instant::now();
+        let mut task = Abort(tokio::spawn(start()));
+        let why = match (&mut task.0).await {
+            Ok(()) => "ended".to_string(),
+            Err(e) if e.is_panic() => {
+                let payload = e.into_panic();
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                format!("panicked: {message}")
+            }
+            // Cancelled: only the runtime shutting down does that.
+            Err(_) => return,
+        };
+        registry.mark_stale(service);
+        if started.elapsed() >= HEALTHY_RUN {
+            restarts = 0;
+        }
+        restarts = restarts.saturating_add(1);
+        let delay = backoff.delay(restarts);
+        let kept = registry.instances(service).len();
+        tracing::error!(service, restarts, retry_in = ?delay, kept_instances = kept,
+            "the Consul watch {why}; serving the last known instances and restarting it");
+        tokio::time::sleep(delay).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +352,61 @@ mod tests {
                 .ends_with("/v1/health/service/web?passing&index=5&wait=600s"),
             "{asked:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_that_panics_or_ends_is_restarted_and_the_service_marked_stale() {
+        use std::sync::Mutex;
+        let registry = Registry::new();
+        registry.publish("web", vec![Instance::new(([127, 0, 0, 1], 1).into())]);
+        // Whether the service was stale as each start began.
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let backoff = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        let supervisor = tokio::spawn({
+            let (registry, starts) = (registry.clone(), starts.clone());
+            async move {
+                supervise("web", &registry.clone(), backoff, move || {
+                    let n = {
+                        let mut s = starts.lock().unwrap();
+                        s.push(registry.states()[0].stale_since.is_some());
+                        s.len()
+                    };
+                    let registry = registry.clone();
+                    async move {
+                        match n {
+                            1 => panic!("a bug in the watch"),
+                            // Publishes fresh data, runs for a while, then returns.
+                            2 => {
+                                let fresh = Instance::new(([127, 0, 0, 1], 2).into());
+                                registry.publish("web", vec![fresh]);
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                            }
+                            _ => std::future::pending().await,
+                        }
+                    }
+                })
+                .await
+            }
+        });
+        // Paused time: this sleep lets the supervisor run to its third start, which
+        // never ends.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(
+            *starts.lock().unwrap(),
+            [false, true, true],
+            "restarted after the panic and after the end, stale both times"
+        );
+        let state = &registry.states()[0];
+        assert!(
+            state.stale_since.is_some(),
+            "stale until the watch publishes"
+        );
+        assert_eq!(state.instances, 1, "still serving the last known instances");
+        assert!(!supervisor.is_finished());
+        supervisor.abort();
     }
 
     #[test]
