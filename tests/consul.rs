@@ -797,3 +797,58 @@ async fn post_drain_leaves_consul_and_keeps_serving_until_sigterm() {
     assert_eq!(log.matches("deregistered from Consul").count(), 2, "{log}");
     assert!(!log.contains("accepting until peers"), "{log}");
 }
+
+/// `POST` to baton's admin server (what an application's lifecycle hooks do).
+async fn post(admin: std::net::SocketAddr, path: &str) -> support::Got {
+    let req = http::Request::post(format!("http://{admin}{path}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    support::send(&support::http1_client(), req).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_registration_in_flight_never_lands_after_the_deregistration() {
+    let (consul, api, relay, service) = setup("late").await;
+    let (mut baton, _peer, id, _) = start_registering(&service, &relay, &consul, &api).await;
+    // From now on the agent carries out registrations 5 s late: longer than leaving
+    // once waited for one (3 s), within what a registration call may take (10 s).
+    relay.delay(
+        http::Method::PUT,
+        "/v1/agent/service/register",
+        Duration::from_secs(5),
+    );
+    // The agent loses the instance; baton registers it again, and that call is held.
+    api.deregister(&id).await;
+    until("the re-registration in flight", async || {
+        (relay.delayed_in_flight() == 1).then_some(())
+    })
+    .await;
+
+    // Leaving now: the deregistration must come after that registration.
+    let (status, _, body) = post(baton.admin, "/drain").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    until("the delayed registration carried out", async || {
+        (relay.delayed_in_flight() == 0).then_some(())
+    })
+    .await;
+    assert!(
+        api.agent_service(&id).await.is_none(),
+        "a registration sent before leaving landed after the deregistration:\n{}",
+        baton.log()
+    );
+    let requests = relay.requests();
+    let register = requests
+        .iter()
+        .rposition(|r| r.path == "/v1/agent/service/register")
+        .unwrap();
+    let deregister = requests
+        .iter()
+        .rposition(|r| r.path.starts_with("/v1/agent/service/deregister/"))
+        .expect("baton deregistered");
+    assert!(register < deregister, "{requests:?}");
+
+    baton.signal("TERM");
+    let status = baton.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}\n{}", baton.log());
+    assert!(api.agent_service(&id).await.is_none(), "{}", baton.log());
+}

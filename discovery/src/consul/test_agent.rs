@@ -10,6 +10,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 use tokio::net::TcpListener;
 
@@ -29,6 +30,8 @@ type Script = dyn Fn(&Asked) -> Answer + Send + Sync;
 pub(crate) struct TestAgent {
     pub(crate) addr: SocketAddr,
     asked: Arc<Mutex<Vec<Asked>>>,
+    events: Arc<Mutex<Vec<String>>>,
+    delays: Arc<Mutex<Vec<(String, Duration)>>>,
 }
 
 impl TestAgent {
@@ -36,15 +39,17 @@ impl TestAgent {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let asked = Arc::new(Mutex::new(Vec::new()));
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let delays: Arc<Mutex<Vec<(String, Duration)>>> = Arc::new(Mutex::new(Vec::new()));
         let script: Arc<Script> = Arc::new(script);
-        let log = asked.clone();
+        let shared = (asked.clone(), events.clone(), delays.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (script, log) = (script.clone(), log.clone());
+                let (script, shared) = (script.clone(), shared.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: http::Request<hyper::body::Incoming>| {
-                            let (script, log) = (script.clone(), log.clone());
+                            let (script, (log, events, delays)) = (script.clone(), shared.clone());
                             async move {
                                 let asked = Asked {
                                     method: req.method().clone(),
@@ -52,6 +57,18 @@ impl TestAgent {
                                 };
                                 let _ = req.into_body().collect().await;
                                 log.lock().unwrap().push(asked.clone());
+                                let event = format!("{} {}", asked.method, asked.uri);
+                                events.lock().unwrap().push(format!("asked {event}"));
+                                let delay = delays
+                                    .lock()
+                                    .unwrap()
+                                    .iter()
+                                    .find(|(part, _)| asked.uri.contains(part.as_str()))
+                                    .map(|(_, d)| *d);
+                                if let Some(d) = delay {
+                                    tokio::time::sleep(d).await;
+                                }
+                                events.lock().unwrap().push(format!("answered {event}"));
                                 let (status, headers, body) = script(&asked);
                                 let mut rsp = http::Response::builder().status(status);
                                 for (k, v) in headers {
@@ -67,7 +84,22 @@ impl TestAgent {
                 });
             }
         });
-        Self { addr, asked }
+        Self {
+            addr,
+            asked,
+            events,
+            delays,
+        }
+    }
+
+    /// From now on answers requests whose path and query contain `part` after `by`.
+    pub(crate) fn delay(&self, part: &str, by: Duration) {
+        self.delays.lock().unwrap().push((part.to_string(), by));
+    }
+
+    /// `asked METHOD URI` and `answered METHOD URI`, in the order they happened.
+    pub(crate) fn events(&self) -> Vec<String> {
+        self.events.lock().unwrap().clone()
     }
 
     /// A client of this agent.
