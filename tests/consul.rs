@@ -454,6 +454,95 @@ async fn a_hung_agent_is_noticed_at_the_query_deadline() {
     }
 }
 
+/// Consul answers `status` with `body` to every health query for a while: baton keeps
+/// serving the last known instances, marks the service stale, retries with backoff,
+/// and resumes watching once Consul answers again.
+async fn error_answers_mid_run_keep_serving(prefix: &str, status: http::StatusCode, body: &str) {
+    let (consul, api, relay, service) = setup(prefix).await;
+    let a = instance("a").await;
+    let b = instance("b").await;
+    register(&api, &service, &a, json!({})).await;
+    register(&api, &service, &b, json!({})).await;
+    // A short wait, so that the next query goes out soon.
+    let baton = baton_for(&service, &relay, &consul, &[("BATON_CONSUL_WAIT", "1s")]).await;
+    until_routed(&baton, 4, only(&[a.name, b.name])).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = load(&baton, 2, stop.clone());
+    let since = Instant::now();
+    relay.fail("/v1/health/service/", status, body);
+    let stale = format!("baton_discovery_stale_seconds{{service=\"{service}\"}}");
+    let endpoints = format!("baton_endpoints{{service=\"{service}\"}}");
+    let during = until("the service marked stale", async || {
+        let m = baton.metrics().await;
+        (metric(&m, &stale) > 0.0).then_some(m)
+    })
+    .await;
+    assert_eq!(metric(&during, &endpoints), 2.0, "{during}");
+    // Retried, each time after a longer pause: backoff (from 200 ms, with equal
+    // jitter: at least 100, 200, 400 ms), not a loop at the query rate.
+    let failed = until("four failed queries", async || {
+        let failed: Vec<Instant> = relay
+            .requests()
+            .iter()
+            .filter(|r| r.at > since && r.path.ends_with(&service))
+            .map(|r| r.at)
+            .collect();
+        (failed.len() >= 4).then_some(failed)
+    })
+    .await;
+    let gaps: Vec<Duration> = failed.windows(2).map(|w| w[1] - w[0]).collect();
+    for (gap, least) in gaps.iter().zip([100, 200, 400]) {
+        assert!(
+            *gap >= Duration::from_millis(least - 5),
+            "retries without backoff: {gaps:?}"
+        );
+    }
+    let log = baton.log();
+    assert!(
+        log.contains(status.as_str()) && log.contains(body),
+        "the failure is logged with Consul's answer:\n{log}"
+    );
+    until_routed(&baton, 4, only(&[a.name, b.name])).await;
+
+    relay.clear_failures();
+    until("the stale mark to clear", async || {
+        (metric(&baton.metrics().await, &stale) == 0.0).then_some(())
+    })
+    .await;
+    let c = instance("c").await;
+    register(&api, &service, &c, json!({})).await;
+    until_routed(&baton, 6, only(&[a.name, b.name, c.name])).await;
+    stop.store(true, Ordering::Relaxed);
+    let (total, failures) = running.await.unwrap();
+    assert!(total > 0);
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed while Consul answered {status}: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    for up in [&a, &b, &c] {
+        api.deregister(up.name).await;
+    }
+}
+
+#[tokio::test]
+async fn no_cluster_leader_mid_run_keeps_serving() {
+    error_answers_mid_run_keep_serving(
+        "noleader",
+        http::StatusCode::INTERNAL_SERVER_ERROR,
+        "No cluster leader",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn acl_not_found_mid_run_keeps_serving() {
+    error_answers_mid_run_keep_serving("aclgone", http::StatusCode::FORBIDDEN, "ACL not found")
+        .await;
+}
+
 #[tokio::test]
 async fn churn_under_load_fails_no_request() {
     let (consul, api, relay, service) = setup("churn").await;
