@@ -225,6 +225,52 @@ async fn metadata_and_weights_reach_the_balancer() {
 }
 
 #[tokio::test]
+async fn datacenter_and_consistency_go_on_every_query() {
+    let (consul, api, _relay, service) = setup("readopts").await;
+    let a = instance("a").await;
+    register(&api, &service, &a, json!({})).await;
+    let (_, entries) = api.health(&service, true).await;
+    let dc = entries[0]["Node"]["Datacenter"]
+        .as_str()
+        .expect("the agent's datacenter")
+        .to_string();
+    for (extra, want_dc, want) in [
+        (
+            vec![
+                ("BATON_CONSUL_DATACENTER", dc.as_str()),
+                ("BATON_CONSUL_CONSISTENCY", "stale"),
+            ],
+            Some(dc.as_str()),
+            Some("stale"),
+        ),
+        (
+            vec![("BATON_CONSUL_CONSISTENCY", "consistent")],
+            None,
+            Some("consistent"),
+        ),
+        (vec![], None, None),
+    ] {
+        // A relay of its own, so that only this baton's queries are seen.
+        let relay = ConsulRelay::start(&consul.agent_url).await;
+        let baton = baton_for(&service, &relay, &consul, &extra).await;
+        until_routed(&baton, 2, only(&[a.name])).await;
+        let queries: Vec<_> = relay
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.ends_with(&service))
+            .collect();
+        assert!(!queries.is_empty());
+        for q in &queries {
+            assert_eq!(q.param("dc"), want_dc, "{extra:?}: {q:?}");
+            for mode in ["stale", "consistent"] {
+                assert_eq!(q.has_param(mode), want == Some(mode), "{extra:?}: {q:?}");
+            }
+        }
+    }
+    api.deregister(a.name).await;
+}
+
+#[tokio::test]
 async fn index_going_backwards_restarts_the_watch() {
     let (consul, api, relay, service) = setup("reset").await;
     let a = instance("a").await;
@@ -741,11 +787,44 @@ async fn registers_on_start_and_deregisters_before_draining() {
     tags.sort();
     assert_eq!(tags, ["blue", "canary"]);
     // The agent's HTTP check of /ready passes: the instance becomes healthy.
-    until("a passing check", async || {
+    let healthy = until("a passing check", async || {
         let (_, healthy) = api.health(&service, true).await;
-        (healthy.len() == 1).then_some(())
+        (healthy.len() == 1).then_some(healthy)
     })
     .await;
+    // What baton sent: the check is a GET of /ready on the admin port, at the
+    // configured interval (1s here) and the default timeout and reaping delay.
+    let ready = format!("http://127.0.0.1:{}/ready", baton.admin.port());
+    let sent = relay
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "PUT" && r.path == "/v1/agent/service/register")
+        .expect("a registration went through the relay");
+    let sent: serde_json::Value = serde_json::from_slice(&sent.body).unwrap();
+    assert_eq!(sent["ID"], id.as_str());
+    assert_eq!(sent["Name"], service.as_str());
+    assert_eq!(sent["Check"]["HTTP"], ready.as_str(), "{sent}");
+    assert_eq!(sent["Check"]["Interval"], "1s");
+    assert_eq!(sent["Check"]["Timeout"], "2s");
+    assert_eq!(sent["Check"]["DeregisterCriticalServiceAfter"], "60s");
+    assert_eq!(sent["Meta"]["baton-version"], env!("CARGO_PKG_VERSION"));
+    // And what the agent made of it.
+    let check = healthy[0]["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["ServiceID"] == id.as_str())
+        .cloned()
+        .expect("the instance's check");
+    assert_eq!(check["Type"], "http", "{check}");
+    assert_eq!(check["Name"], "baton ready");
+    assert_eq!(check["Interval"], "1s");
+    assert_eq!(check["Timeout"], "2s");
+    let output = check["Output"].as_str().unwrap();
+    assert!(
+        output.starts_with(&format!("HTTP GET {ready}: 200 OK")),
+        "the agent checks baton's /ready: {output}"
+    );
 
     // SIGTERM with a request in flight: the instance leaves Consul while that request
     // is still being served, and baton exits 0 after it completes.
