@@ -271,6 +271,36 @@ async fn datacenter_and_consistency_go_on_every_query() {
 }
 
 #[tokio::test]
+async fn host_name_addresses_are_resolved() {
+    let (consul, api, relay, service) = setup("dns").await;
+    let a = instance("a").await;
+    let b = instance("b").await;
+    // Consul allows a DNS name as the address; `a` is at localhost.
+    register(&api, &service, &a, json!({"Address": "localhost"})).await;
+    register(&api, &service, &b, json!({})).await;
+    let baton = baton_for(&service, &relay, &consul, &[]).await;
+    until_routed(&baton, 4, only(&[a.name, b.name])).await;
+    // An update is resolved too: instance `a` moves to `c`'s port, still at localhost.
+    let c = instance("c").await;
+    api.deregister(a.name).await;
+    register(
+        &api,
+        &service,
+        &c,
+        json!({"ID": a.name, "Address": "localhost"}),
+    )
+    .await;
+    until_routed(&baton, 4, only(&[c.name, b.name])).await;
+    assert!(
+        !baton.log().contains("skipping a Consul instance"),
+        "{}",
+        baton.log()
+    );
+    api.deregister(a.name).await;
+    api.deregister(b.name).await;
+}
+
+#[tokio::test]
 async fn index_going_backwards_restarts_the_watch() {
     let (consul, api, relay, service) = setup("reset").await;
     let a = instance("a").await;

@@ -14,6 +14,9 @@
 //!   busy service, a proxy that does not block) cannot make it spin;
 //! - failures back off exponentially with jitter.
 //!
+//! Instances whose address is a DNS host name (Consul allows one) are resolved here,
+//! afresh for every answer, before publishing: never on the request path.
+//!
 //! Each answer replaces the service's snapshot in the [`Registry`]; the registry hands
 //! every balancer only the difference (insertions and removals by instance ID). When
 //! Consul cannot be reached or answers an error, nothing is published: the last known
@@ -21,13 +24,20 @@
 //! `/metrics`) until a query succeeds again.
 
 use super::{
-    api::ServiceEntry,
+    api::{Host, ServiceEntry, Target},
     client::{blocking_deadline, encode, go_duration, Client, Error, CALL_TIMEOUT},
     retry::{Backoff, TokenBucket},
 };
 use crate::{Instance, Registry};
+use futures_util::StreamExt;
 use http::Method;
-use std::{collections::HashSet, future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
 use tokio::time::Instant;
 
 /// Settings of the watches (`BATON_CONSUL_*`).
@@ -74,7 +84,7 @@ impl Default for WatchSettings {
 pub struct Health {
     /// The instances (with `passing`, only those whose checks all pass); an entry that
     /// does not decode comes with its JSON and the reason.
-    pub entries: Vec<Result<ServiceEntry, (serde_json::Value, serde_json::Error)>>,
+    pub entries: Vec<Entry>,
     /// `X-Consul-Index`.
     pub index: Option<u64>,
     /// Consul left out results the token may not read.
@@ -195,7 +205,7 @@ impl Watch {
                         acl_warned = true;
                         tracing::warn!(service, "Consul hid instances this ACL token may not read (X-Consul-Results-Filtered-By-ACLs); grant it service:read");
                     }
-                    let instances = self.instances(&health.entries, &mut skipped);
+                    let instances = self.instances(&health.entries, &mut skipped).await;
                     let count = instances.len();
                     self.registry.publish(service, instances);
                     if published != Some(count) {
@@ -239,30 +249,17 @@ impl Watch {
         }
     }
 
-    /// The usable instances; each unusable one is logged at warn the first time it is
-    /// seen (answers repeat the whole list), then at debug.
-    fn instances(
-        &self,
-        entries: &[Result<ServiceEntry, (serde_json::Value, serde_json::Error)>],
-        skipped: &mut HashSet<String>,
-    ) -> Vec<Instance> {
+    /// The usable instances, host names resolved; each unusable one is logged at warn
+    /// the first time it is seen (answers repeat the whole list), then at debug.
+    async fn instances(&self, entries: &[Entry], skipped: &mut HashSet<String>) -> Vec<Instance> {
         let mut now_skipped = HashSet::new();
-        let instances = entries
-            .iter()
+        let instances = resolve_entries(entries, lookup)
+            .await
+            .into_iter()
             .filter_map(|e| {
                 let (key, why) = match e {
-                    Ok(e) => match e.to_instance() {
-                        Ok(i) => return Some(i),
-                        Err(why) => (e.key(), why),
-                    },
-                    Err((json, err)) => (
-                        format!(
-                            "{}/{}",
-                            json["Node"]["Node"].as_str().unwrap_or("?"),
-                            json["Service"]["ID"].as_str().unwrap_or("?")
-                        ),
-                        format!("cannot decode it: {err}"),
-                    ),
+                    Ok(i) => return Some(i),
+                    Err(skip) => skip,
                 };
                 if skipped.contains(&key) {
                     tracing::debug!(service = %self.service, instance = %key, "skipping a Consul instance: {why}");
@@ -276,6 +273,101 @@ impl Watch {
         *skipped = now_skipped;
         instances
     }
+}
+
+/// An entry of a health answer, or the JSON that did not decode and why.
+type Entry = Result<ServiceEntry, (serde_json::Value, serde_json::Error)>;
+
+/// How long resolving one host name may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Host names resolved at once.
+const RESOLVE_CONCURRENCY: usize = 8;
+
+/// Resolves `name` with the system resolver (getaddrinfo, on tokio's blocking pool:
+/// never on a thread that serves requests).
+async fn lookup(name: String) -> Result<Vec<IpAddr>, String> {
+    tokio::net::lookup_host((name.as_str(), 0))
+        .await
+        .map(|addrs| addrs.map(|a| a.ip()).collect())
+        .map_err(|e| e.to_string())
+}
+
+/// The entries as instances, or the key and the reason each unusable one is skipped.
+/// Host names are resolved with `resolve` — each name once per call, so every answer
+/// from Consul resolves them afresh, several at a time, each within
+/// [`RESOLVE_TIMEOUT`] — and an instance whose name does not resolve is skipped. A
+/// name with IPv4 addresses gets the first of them (most services listen there),
+/// otherwise the first address.
+pub(crate) async fn resolve_entries<R, Fut>(
+    entries: &[Entry],
+    resolve: R,
+) -> Vec<Result<Instance, (String, String)>>
+where
+    R: Fn(String) -> Fut,
+    Fut: Future<Output = Result<Vec<IpAddr>, String>>,
+{
+    let targets: Vec<Result<Target, (String, String)>> = entries
+        .iter()
+        .map(|e| match e {
+            Ok(e) => e.to_target().map_err(|why| (e.key(), why)),
+            Err((json, err)) => Err((
+                format!(
+                    "{}/{}",
+                    json["Node"]["Node"].as_str().unwrap_or("?"),
+                    json["Service"]["ID"].as_str().unwrap_or("?")
+                ),
+                format!("cannot decode it: {err}"),
+            )),
+        })
+        .collect();
+    // Owned names: a stream of futures borrowing them would not be provably `Send`.
+    let names: HashSet<String> = targets
+        .iter()
+        .filter_map(|t| match t {
+            Ok(Target {
+                host: Host::Name(n),
+                ..
+            }) => Some(n.clone()),
+            _ => None,
+        })
+        .collect();
+    let resolved: HashMap<String, Result<IpAddr, String>> = futures_util::stream::iter(names)
+        .map(|name| {
+            let resolving = tokio::time::timeout(RESOLVE_TIMEOUT, resolve(name.clone()));
+            async move {
+                let ip = match resolving.await {
+                    Err(_) => Err(format!("no answer within {RESOLVE_TIMEOUT:?}")),
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(ips)) => ips
+                        .iter()
+                        .find(|ip| ip.is_ipv4())
+                        .or(ips.first())
+                        .copied()
+                        .ok_or_else(|| "no addresses".to_string()),
+                };
+                (name, ip)
+            }
+        })
+        .buffer_unordered(RESOLVE_CONCURRENCY)
+        .collect()
+        .await;
+    targets
+        .iter()
+        .map(|t| {
+            let t = t.clone()?;
+            match &t.host {
+                Host::Ip(ip) => Ok(t.at(*ip)),
+                Host::Name(name) => match resolved.get(name) {
+                    Some(Ok(ip)) => Ok(t.at(*ip)),
+                    Some(Err(e)) => Err((
+                        t.id.to_string(),
+                        format!("cannot resolve its host name {name:?}: {e}"),
+                    )),
+                    None => Err((t.id.to_string(), format!("{name:?} was not resolved"))),
+                },
+            }
+        })
+        .collect()
 }
 
 /// A watch that ran this long before failing starts over with the shortest backoff.
@@ -407,6 +499,91 @@ mod tests {
         assert_eq!(state.instances, 1, "still serving the last known instances");
         assert!(!supervisor.is_finished());
         supervisor.abort();
+    }
+
+    fn entry(address: &str, id: &str, port: u16) -> Entry {
+        Ok(serde_json::from_value(serde_json::json!({
+            "Node": {"Node": "n", "Address": "10.0.0.1"},
+            "Service": {"ID": id, "Service": "web", "Address": address, "Port": port}
+        }))
+        .unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn host_names_are_resolved_each_time_and_failures_skip_only_their_instances() {
+        use std::sync::Mutex;
+        let asked = Mutex::new(Vec::new());
+        let resolver = |name: String| {
+            asked.lock().unwrap().push(name.clone());
+            async move {
+                match name.as_str() {
+                    "dual.test" => Ok(vec![
+                        "2001:db8::1".parse().unwrap(),
+                        "192.0.2.7".parse().unwrap(),
+                    ]),
+                    "v6.test" => Ok(vec!["2001:db8::2".parse().unwrap()]),
+                    "empty.test" => Ok(vec![]),
+                    "slow.test" => std::future::pending().await,
+                    _ => Err("Name or service not known".to_string()),
+                }
+            }
+        };
+        let entries = [
+            entry("10.0.0.9", "ip", 80),
+            entry("dual.test", "dual-a", 81),
+            entry("dual.test", "dual-b", 82),
+            entry("v6.test", "v6", 83),
+            entry("gone.test", "gone", 84),
+            entry("empty.test", "empty", 85),
+            entry("slow.test", "slow", 86),
+        ];
+        let got = resolve_entries(&entries, resolver).await;
+        let ok: Vec<String> = got
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|i| format!("{} {}", i.id, i.addr))
+            .collect();
+        assert_eq!(
+            ok,
+            [
+                "n/ip 10.0.0.9:80",
+                "n/dual-a 192.0.2.7:81",
+                "n/dual-b 192.0.2.7:82",
+                "n/v6 [2001:db8::2]:83"
+            ]
+        );
+        let skipped: Vec<(String, String)> = got.into_iter().filter_map(Result::err).collect();
+        assert_eq!(skipped.len(), 3, "{skipped:?}");
+        assert_eq!(skipped[0].0, "n/gone");
+        assert!(
+            skipped[0].1.contains("\"gone.test\"") && skipped[0].1.contains("not known"),
+            "{skipped:?}"
+        );
+        assert!(skipped[1].1.contains("no addresses"), "{skipped:?}");
+        assert!(skipped[2].1.contains("no answer within"), "{skipped:?}");
+        // Each name once per answer, and again on the next one.
+        let mut once = asked.lock().unwrap().clone();
+        once.sort();
+        assert_eq!(
+            once,
+            [
+                "dual.test",
+                "empty.test",
+                "gone.test",
+                "slow.test",
+                "v6.test"
+            ]
+        );
+        resolve_entries(&entries[1..2], resolver).await;
+        assert_eq!(asked.lock().unwrap().len(), 6);
+    }
+
+    #[tokio::test]
+    async fn localhost_resolves_with_the_system_resolver() {
+        let got = resolve_entries(&[entry("localhost", "local", 8080)], lookup).await;
+        let i = got[0].as_ref().expect("localhost resolves");
+        assert!(i.addr.ip().is_loopback(), "{i:?}");
+        assert_eq!(i.addr.port(), 8080);
     }
 
     #[test]
