@@ -107,8 +107,8 @@ impl Registrar {
     /// know is already gone.
     pub async fn deregister(&self, timeout: Duration) -> Result<(), Error> {
         self.closed.store(true, Ordering::SeqCst);
-        // A registration call holds the lock for at most CALL_TIMEOUT; the margin only
-        // guards against a caller that cancelled one mid-flight (the lock is then free).
+        // A registration call holds the lock for at most its own timeout, CALL_TIMEOUT:
+        // this bound is only a safety net.
         let _in_flight = match tokio::time::timeout(
             CALL_TIMEOUT + Duration::from_secs(1),
             self.in_flight.lock(),
