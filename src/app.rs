@@ -267,7 +267,7 @@ fn start_discovery(config: &Config, registry: &Registry, reload: Arc<Notify>) {
                 registry.clone(),
                 settings.watch.clone(),
             );
-            tokio::spawn(watch.run());
+            tokio::spawn(watch.supervise());
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Leaving the fleet: stop being chosen before stopping to serve.
 //!
 //! Leaving deregisters the instance from Consul (after stopping the registration loop,
-//! so it cannot register again) and turns `/ready` to 503, while baton keeps serving.
+//! so it cannot register again, and after any registration call it had already sent
+//! has been answered, so that call cannot land later) and turns `/ready` to 503,
+//! while baton keeps serving.
 //! It happens on `POST /drain` to the admin server — a Kubernetes `preStop` hook of the
 //! application calls it, because Kubernetes stops a native sidecar only after the
 //! application has exited — or at the start of a SIGTERM shutdown, whichever comes
@@ -13,15 +15,16 @@
 //! way back.
 
 use crate::admin::State;
-use baton_discovery::consul::{self, register::Registrar};
+use baton_discovery::consul::register::Registrar;
 use std::{
     sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 use tokio::{sync::watch, task::JoinHandle};
 
-/// How long leaving waits for the registration loop to stop, and then for Consul to
-/// confirm the deregistration: an unreachable agent must not hold up a shutdown.
+/// How long leaving waits for Consul to confirm the deregistration, and then for the
+/// registration loop to end: an unreachable agent must not hold up a shutdown. (A
+/// registration call in flight is waited for first, for at most its own timeout.)
 const STEP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Where the instance stands. One lock orders leaving, joining and shutting down.
@@ -78,23 +81,26 @@ impl Leave {
         if m.left {
             return false;
         }
-        if let Some((mut task, stop)) = m.running.take() {
-            // The loop finishes a registration already sent (it must not land after
-            // the deregistration), then ends.
+        // The loop ends at its next wait; a registration call it has already sent
+        // is not cut short (abandoned, it could land after the deregistration).
+        let running = m.running.take().map(|(task, stop)| {
             let _ = stop.send(true);
-            if tokio::time::timeout(STEP_TIMEOUT, &mut task).await.is_err() {
-                task.abort();
-            }
-        }
+            task
+        });
         if let Some(registrar) = &m.registrar {
-            let deregistered = tokio::time::timeout(STEP_TIMEOUT, registrar.deregister())
-                .await
-                .unwrap_or(Err(consul::Error::Timeout(STEP_TIMEOUT)));
-            match deregistered {
+            // Waits for that call to be answered (at most its own timeout), then
+            // deregisters.
+            match registrar.deregister(STEP_TIMEOUT).await {
                 Ok(()) => tracing::info!(id = registrar.id(), "deregistered from Consul"),
                 Err(error) => {
                     tracing::warn!(id = registrar.id(), %error, "cannot deregister from Consul; its check on /ready fails from now on, and DeregisterCriticalServiceAfter removes the instance")
                 }
+            }
+        }
+        if let Some(mut task) = running {
+            // Registration is closed now: the loop can do nothing more but end.
+            if tokio::time::timeout(STEP_TIMEOUT, &mut task).await.is_err() {
+                task.abort();
             }
         }
         self.state.draining.store(true, Ordering::Release);
@@ -131,6 +137,7 @@ fn start(m: &mut Membership) {
         return;
     };
     let (stop, stop_rx) = watch::channel(false);
+    registrar.reopen();
     let task = tokio::spawn(async move { registrar.run(stop_rx).await });
     m.running = Some((task, stop));
 }

@@ -225,6 +225,82 @@ async fn metadata_and_weights_reach_the_balancer() {
 }
 
 #[tokio::test]
+async fn datacenter_and_consistency_go_on_every_query() {
+    let (consul, api, _relay, service) = setup("readopts").await;
+    let a = instance("a").await;
+    register(&api, &service, &a, json!({})).await;
+    let (_, entries) = api.health(&service, true).await;
+    let dc = entries[0]["Node"]["Datacenter"]
+        .as_str()
+        .expect("the agent's datacenter")
+        .to_string();
+    for (extra, want_dc, want) in [
+        (
+            vec![
+                ("BATON_CONSUL_DATACENTER", dc.as_str()),
+                ("BATON_CONSUL_CONSISTENCY", "stale"),
+            ],
+            Some(dc.as_str()),
+            Some("stale"),
+        ),
+        (
+            vec![("BATON_CONSUL_CONSISTENCY", "consistent")],
+            None,
+            Some("consistent"),
+        ),
+        (vec![], None, None),
+    ] {
+        // A relay of its own, so that only this baton's queries are seen.
+        let relay = ConsulRelay::start(&consul.agent_url).await;
+        let baton = baton_for(&service, &relay, &consul, &extra).await;
+        until_routed(&baton, 2, only(&[a.name])).await;
+        let queries: Vec<_> = relay
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.ends_with(&service))
+            .collect();
+        assert!(!queries.is_empty());
+        for q in &queries {
+            assert_eq!(q.param("dc"), want_dc, "{extra:?}: {q:?}");
+            for mode in ["stale", "consistent"] {
+                assert_eq!(q.has_param(mode), want == Some(mode), "{extra:?}: {q:?}");
+            }
+        }
+    }
+    api.deregister(a.name).await;
+}
+
+#[tokio::test]
+async fn host_name_addresses_are_resolved() {
+    let (consul, api, relay, service) = setup("dns").await;
+    let a = instance("a").await;
+    let b = instance("b").await;
+    // Consul allows a DNS name as the address; `a` is at localhost.
+    register(&api, &service, &a, json!({"Address": "localhost"})).await;
+    register(&api, &service, &b, json!({})).await;
+    let baton = baton_for(&service, &relay, &consul, &[]).await;
+    until_routed(&baton, 4, only(&[a.name, b.name])).await;
+    // An update is resolved too: instance `a` moves to `c`'s port, still at localhost.
+    let c = instance("c").await;
+    api.deregister(a.name).await;
+    register(
+        &api,
+        &service,
+        &c,
+        json!({"ID": a.name, "Address": "localhost"}),
+    )
+    .await;
+    until_routed(&baton, 4, only(&[c.name, b.name])).await;
+    assert!(
+        !baton.log().contains("skipping a Consul instance"),
+        "{}",
+        baton.log()
+    );
+    api.deregister(a.name).await;
+    api.deregister(b.name).await;
+}
+
+#[tokio::test]
 async fn index_going_backwards_restarts_the_watch() {
     let (consul, api, relay, service) = setup("reset").await;
     let a = instance("a").await;
@@ -386,6 +462,164 @@ async fn consul_down_for_ten_seconds_under_load_fails_nothing() {
 }
 
 #[tokio::test]
+async fn a_hung_agent_is_noticed_at_the_query_deadline() {
+    let (consul, api, relay, service) = setup("hung").await;
+    let a = instance("a").await;
+    let b = instance("b").await;
+    register(&api, &service, &a, json!({})).await;
+    register(&api, &service, &b, json!({})).await;
+    // A short wait: the blocking query's deadline is wait + wait/16 + 10 s.
+    let baton = baton_for(&service, &relay, &consul, &[("BATON_CONSUL_WAIT", "1s")]).await;
+    until_routed(&baton, 4, only(&[a.name, b.name])).await;
+
+    // The agent accepts connections but answers nothing, not even the blocking query
+    // in flight: no error, no reset, only silence.
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = load(&baton, 2, stop.clone());
+    let hung_at = Instant::now();
+    relay.hang();
+    let stale = format!("baton_discovery_stale_seconds{{service=\"{service}\"}}");
+    let endpoints = format!("baton_endpoints{{service=\"{service}\"}}");
+    let during = until_within(
+        "the service marked stale",
+        Duration::from_secs(40),
+        async || {
+            let m = baton.metrics().await;
+            (metric(&m, &stale) > 0.0).then_some(m)
+        },
+    )
+    .await;
+    assert_eq!(metric(&during, &endpoints), 2.0, "{during}");
+    // It retries, with a full read (and that query hangs too, until its own deadline).
+    until_within("a retry", Duration::from_secs(10), async || {
+        relay
+            .requests()
+            .iter()
+            .any(|r| r.at > hung_at && r.path.ends_with(&service) && !r.has_param("index"))
+            .then_some(())
+    })
+    .await;
+    let log = baton.log();
+    assert!(
+        log.contains("no answer from the Consul agent within")
+            && log.contains("serving the last known instances"),
+        "{log}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (total, failures) = running.await.unwrap();
+    assert!(total > 0);
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed while the agent hung: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+
+    relay.unhang();
+    until_within(
+        "the stale mark to clear",
+        Duration::from_secs(30),
+        async || (metric(&baton.metrics().await, &stale) == 0.0).then_some(()),
+    )
+    .await;
+    let c = instance("c").await;
+    register(&api, &service, &c, json!({})).await;
+    until_routed(&baton, 6, only(&[a.name, b.name, c.name])).await;
+    for up in [&a, &b, &c] {
+        api.deregister(up.name).await;
+    }
+}
+
+/// Consul answers `status` with `body` to every health query for a while: baton keeps
+/// serving the last known instances, marks the service stale, retries with backoff,
+/// and resumes watching once Consul answers again.
+async fn error_answers_mid_run_keep_serving(prefix: &str, status: http::StatusCode, body: &str) {
+    let (consul, api, relay, service) = setup(prefix).await;
+    let a = instance("a").await;
+    let b = instance("b").await;
+    register(&api, &service, &a, json!({})).await;
+    register(&api, &service, &b, json!({})).await;
+    // A short wait, so that the next query goes out soon.
+    let baton = baton_for(&service, &relay, &consul, &[("BATON_CONSUL_WAIT", "1s")]).await;
+    until_routed(&baton, 4, only(&[a.name, b.name])).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = load(&baton, 2, stop.clone());
+    let since = Instant::now();
+    relay.fail("/v1/health/service/", status, body);
+    let stale = format!("baton_discovery_stale_seconds{{service=\"{service}\"}}");
+    let endpoints = format!("baton_endpoints{{service=\"{service}\"}}");
+    let during = until("the service marked stale", async || {
+        let m = baton.metrics().await;
+        (metric(&m, &stale) > 0.0).then_some(m)
+    })
+    .await;
+    assert_eq!(metric(&during, &endpoints), 2.0, "{during}");
+    // Retried, each time after a longer pause: backoff (from 200 ms, with equal
+    // jitter: at least 100, 200, 400 ms), not a loop at the query rate.
+    let failed = until("four failed queries", async || {
+        let failed: Vec<Instant> = relay
+            .requests()
+            .iter()
+            .filter(|r| r.at > since && r.path.ends_with(&service))
+            .map(|r| r.at)
+            .collect();
+        (failed.len() >= 4).then_some(failed)
+    })
+    .await;
+    let gaps: Vec<Duration> = failed.windows(2).map(|w| w[1] - w[0]).collect();
+    for (gap, least) in gaps.iter().zip([100, 200, 400]) {
+        assert!(
+            *gap >= Duration::from_millis(least - 5),
+            "retries without backoff: {gaps:?}"
+        );
+    }
+    let log = baton.log();
+    assert!(
+        log.contains(status.as_str()) && log.contains(body),
+        "the failure is logged with Consul's answer:\n{log}"
+    );
+    until_routed(&baton, 4, only(&[a.name, b.name])).await;
+
+    relay.clear_failures();
+    until("the stale mark to clear", async || {
+        (metric(&baton.metrics().await, &stale) == 0.0).then_some(())
+    })
+    .await;
+    let c = instance("c").await;
+    register(&api, &service, &c, json!({})).await;
+    until_routed(&baton, 6, only(&[a.name, b.name, c.name])).await;
+    stop.store(true, Ordering::Relaxed);
+    let (total, failures) = running.await.unwrap();
+    assert!(total > 0);
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed while Consul answered {status}: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    for up in [&a, &b, &c] {
+        api.deregister(up.name).await;
+    }
+}
+
+#[tokio::test]
+async fn no_cluster_leader_mid_run_keeps_serving() {
+    error_answers_mid_run_keep_serving(
+        "noleader",
+        http::StatusCode::INTERNAL_SERVER_ERROR,
+        "No cluster leader",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn acl_not_found_mid_run_keeps_serving() {
+    error_answers_mid_run_keep_serving("aclgone", http::StatusCode::FORBIDDEN, "ACL not found")
+        .await;
+}
+
+#[tokio::test]
 async fn churn_under_load_fails_no_request() {
     let (consul, api, relay, service) = setup("churn").await;
     let a = instance("a").await;
@@ -542,16 +776,17 @@ async fn start_registering(
     (baton, peer, id, registered)
 }
 
-async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+async fn until<T>(what: &str, f: impl AsyncFnMut() -> Option<T>) -> T {
+    until_within(what, Duration::from_secs(15), f).await
+}
+
+async fn until_within<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f().await {
             return v;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "timed out waiting for {what}"
-        );
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -582,11 +817,44 @@ async fn registers_on_start_and_deregisters_before_draining() {
     tags.sort();
     assert_eq!(tags, ["blue", "canary"]);
     // The agent's HTTP check of /ready passes: the instance becomes healthy.
-    until("a passing check", async || {
+    let healthy = until("a passing check", async || {
         let (_, healthy) = api.health(&service, true).await;
-        (healthy.len() == 1).then_some(())
+        (healthy.len() == 1).then_some(healthy)
     })
     .await;
+    // What baton sent: the check is a GET of /ready on the admin port, at the
+    // configured interval (1s here) and the default timeout and reaping delay.
+    let ready = format!("http://127.0.0.1:{}/ready", baton.admin.port());
+    let sent = relay
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "PUT" && r.path == "/v1/agent/service/register")
+        .expect("a registration went through the relay");
+    let sent: serde_json::Value = serde_json::from_slice(&sent.body).unwrap();
+    assert_eq!(sent["ID"], id.as_str());
+    assert_eq!(sent["Name"], service.as_str());
+    assert_eq!(sent["Check"]["HTTP"], ready.as_str(), "{sent}");
+    assert_eq!(sent["Check"]["Interval"], "1s");
+    assert_eq!(sent["Check"]["Timeout"], "2s");
+    assert_eq!(sent["Check"]["DeregisterCriticalServiceAfter"], "60s");
+    assert_eq!(sent["Meta"]["baton-version"], env!("CARGO_PKG_VERSION"));
+    // And what the agent made of it.
+    let check = healthy[0]["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["ServiceID"] == id.as_str())
+        .cloned()
+        .expect("the instance's check");
+    assert_eq!(check["Type"], "http", "{check}");
+    assert_eq!(check["Name"], "baton ready");
+    assert_eq!(check["Interval"], "1s");
+    assert_eq!(check["Timeout"], "2s");
+    let output = check["Output"].as_str().unwrap();
+    assert!(
+        output.starts_with(&format!("HTTP GET {ready}: 200 OK")),
+        "the agent checks baton's /ready: {output}"
+    );
 
     // SIGTERM with a request in flight: the instance leaves Consul while that request
     // is still being served, and baton exits 0 after it completes.
@@ -726,4 +994,59 @@ async fn post_drain_leaves_consul_and_keeps_serving_until_sigterm() {
     let log = baton.log();
     assert_eq!(log.matches("deregistered from Consul").count(), 2, "{log}");
     assert!(!log.contains("accepting until peers"), "{log}");
+}
+
+/// `POST` to baton's admin server (what an application's lifecycle hooks do).
+async fn post(admin: std::net::SocketAddr, path: &str) -> support::Got {
+    let req = http::Request::post(format!("http://{admin}{path}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    support::send(&support::http1_client(), req).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_registration_in_flight_never_lands_after_the_deregistration() {
+    let (consul, api, relay, service) = setup("late").await;
+    let (mut baton, _peer, id, _) = start_registering(&service, &relay, &consul, &api).await;
+    // From now on the agent carries out registrations 5 s late: longer than leaving
+    // once waited for one (3 s), within what a registration call may take (10 s).
+    relay.delay(
+        http::Method::PUT,
+        "/v1/agent/service/register",
+        Duration::from_secs(5),
+    );
+    // The agent loses the instance; baton registers it again, and that call is held.
+    api.deregister(&id).await;
+    until("the re-registration in flight", async || {
+        (relay.delayed_in_flight() == 1).then_some(())
+    })
+    .await;
+
+    // Leaving now: the deregistration must come after that registration.
+    let (status, _, body) = post(baton.admin, "/drain").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    until("the delayed registration carried out", async || {
+        (relay.delayed_in_flight() == 0).then_some(())
+    })
+    .await;
+    assert!(
+        api.agent_service(&id).await.is_none(),
+        "a registration sent before leaving landed after the deregistration:\n{}",
+        baton.log()
+    );
+    let requests = relay.requests();
+    let register = requests
+        .iter()
+        .rposition(|r| r.path == "/v1/agent/service/register")
+        .unwrap();
+    let deregister = requests
+        .iter()
+        .rposition(|r| r.path.starts_with("/v1/agent/service/deregister/"))
+        .expect("baton deregistered");
+    assert!(register < deregister, "{requests:?}");
+
+    baton.signal("TERM");
+    let status = baton.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}\n{}", baton.log());
+    assert!(api.agent_service(&id).await.is_none(), "{}", baton.log());
 }

@@ -837,3 +837,142 @@ async fn relay_index_shift_makes_the_index_go_backwards() {
     assert_eq!(via.health(&name, false).await.0, upstream);
     direct.deregister(&id).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_hang_holds_requests_and_answers_until_unhang() {
+    let consul = ConsulUnderTest::start().await;
+    let direct = consul.api();
+    let relay = ConsulRelay::start(&consul.agent_url).await;
+    let via = ConsulApi::new(&relay.url(), consul.token.clone());
+    let name = unique_name("hang");
+    let id = format!("{name}-1");
+    direct.register(json!({"ID": id, "Name": name})).await;
+    let (index, _) = via.health(&name, false).await;
+
+    // A blocking query in flight when the agent hangs: its answer never comes.
+    let blocked = timed_get(
+        &via,
+        format!("/v1/health/service/{name}?index={index}&wait=1s"),
+    );
+    eventually(Duration::from_secs(5), || async {
+        let n = relay
+            .requests()
+            .iter()
+            .filter(|r| r.query.contains("wait=1s"))
+            .count();
+        (n == 1)
+            .then_some(())
+            .ok_or(format!("{n} blocking queries seen"))
+    })
+    .await;
+    relay.hang();
+    // New connections are still accepted, and requests read, but not answered.
+    let stream = TcpStream::connect(relay.addr()).await;
+    assert!(stream.is_ok(), "a hung agent still accepts connections");
+    let fresh = timed_get(&via, format!("/v1/health/service/{name}"));
+    eventually(Duration::from_secs(5), || async {
+        let n = relay.requests().len();
+        (n == 3).then_some(()).ok_or(format!("{n} requests logged"))
+    })
+    .await;
+    // Well past the 1 s wait (and its jitter): neither has an answer.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!blocked.is_finished(), "the blocking query was answered");
+    assert!(!fresh.is_finished(), "the new request was answered");
+
+    relay.unhang();
+    for task in [blocked, fresh] {
+        let (_, got) = task.await.unwrap();
+        let got = got.expect("answered after unhang");
+        assert_eq!(got.0, StatusCode::OK, "{}", text(&got));
+        assert_eq!(entries(&got).len(), 1);
+    }
+    direct.deregister(&id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_fail_answers_errors_as_consul_writes_them() {
+    let consul = ConsulUnderTest::start().await;
+    let direct = consul.api();
+    let relay = ConsulRelay::start(&consul.agent_url).await;
+    let via = ConsulApi::new(&relay.url(), consul.token.clone());
+    let name = unique_name("fail");
+    let id = format!("{name}-1");
+    direct.register(json!({"ID": id, "Name": name})).await;
+    let health = format!("/v1/health/service/{name}?passing");
+
+    for (status, body, leader) in [
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "No cluster leader",
+            "false",
+        ),
+        (StatusCode::FORBIDDEN, "ACL not found", "true"),
+    ] {
+        relay.fail("/v1/health/service/", status, body);
+        let got = via.request(Method::GET, &health, None).await;
+        assert_eq!((got.0, text(&got).as_str()), (status, body));
+        assert_eq!(consul_index(&got), 1, "never 0");
+        assert_eq!(got.1["x-consul-knownleader"], leader);
+        assert!(got.1["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"));
+        // Other paths are forwarded.
+        assert!(via.agent_service(&id).await.is_some());
+        relay.clear_failures();
+        let got = via.request(Method::GET, &health, None).await;
+        assert_eq!(got.0, StatusCode::OK, "{}", text(&got));
+    }
+    let failed = relay
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with("/v1/health/service/"))
+        .count();
+    assert_eq!(failed, 4, "failed requests are logged too");
+    direct.deregister(&id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_delay_carries_out_a_call_the_client_gave_up_on() {
+    let consul = ConsulUnderTest::start().await;
+    let direct = consul.api();
+    let relay = ConsulRelay::start(&consul.agent_url).await;
+    let via = ConsulApi::new(&relay.url(), consul.token.clone());
+    let name = unique_name("late");
+    let id = format!("{name}-1");
+    relay.delay(
+        Method::PUT,
+        "/v1/agent/service/register",
+        Duration::from_secs(2),
+    );
+    let body = json!({"ID": id, "Name": name});
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        via.try_request(Method::PUT, "/v1/agent/service/register", Some(&body)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "answered before the delay: {gave_up:?}");
+    assert_eq!(relay.delayed_in_flight(), 1);
+    eventually(Duration::from_secs(10), || async {
+        match relay.delayed_in_flight() {
+            0 => Ok(()),
+            n => Err(format!("{n} delayed")),
+        }
+    })
+    .await;
+    assert!(
+        direct.agent_service(&id).await.is_some(),
+        "the delayed registration was carried out"
+    );
+    let logged = relay.requests();
+    let put = logged.iter().find(|r| r.method == "PUT").unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&put.body).unwrap(),
+        body,
+        "bodies are logged"
+    );
+    relay.clear_delays();
+    via.register(body).await;
+    direct.deregister(&id).await;
+}

@@ -25,6 +25,8 @@ mod connect;
 pub mod env;
 pub mod register;
 mod retry;
+#[cfg(test)]
+mod test_agent;
 pub mod watch;
 
 pub use client::{go_duration, Client, Error, Response};

@@ -1,7 +1,8 @@
 //! Consul for tests: [`FakeConsul`], an agent and server HTTP API in this process that
 //! follows Consul's documented behaviour (blocking queries, `?passing`, agent checks);
 //! [`ConsulRelay`], an HTTP relay in front of a fake or a real agent that injects
-//! faults (a dead agent, an index that goes backwards); [`ConsulApi`], the test's own
+//! faults (a dead or hung agent, error answers, late calls, an index that goes
+//! backwards); [`ConsulApi`], the test's own
 //! client; and [`ConsulUnderTest`], a real agent when `CONSUL_HTTP_ADDR` is set and a
 //! fake otherwise.
 //!
@@ -1894,6 +1895,40 @@ pub struct Logged {
     pub query: String,
     /// Its `X-Consul-Token`.
     pub token: Option<String>,
+    /// Its body.
+    pub body: Bytes,
+}
+
+impl Logged {
+    /// Whether the query string has parameter `key` (with or without a value).
+    pub fn has_param(&self, key: &str) -> bool {
+        self.param(key).is_some()
+    }
+
+    /// The (still percent-encoded) value of query parameter `key`; `""` for a bare flag.
+    pub fn param(&self, key: &str) -> Option<&str> {
+        self.query.split('&').find_map(|p| match p.split_once('=') {
+            Some((k, v)) if k == key => Some(v),
+            None if p == key => Some(""),
+            _ => None,
+        })
+    }
+}
+
+/// An answer the relay gives instead of forwarding (see [`ConsulRelay::fail`]).
+#[derive(Clone)]
+struct Failure {
+    path_prefix: String,
+    status: StatusCode,
+    body: String,
+}
+
+/// Requests the relay holds back before forwarding (see [`ConsulRelay::delay`]).
+#[derive(Clone)]
+struct Delay {
+    method: Method,
+    path_prefix: String,
+    by: Duration,
 }
 
 /// Runs the relay's upstream connections until the next cut.
@@ -1921,6 +1956,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 struct RelayInner {
     upstream: String,
     shift: AtomicU64,
+    /// True while the relay answers nothing ([`ConsulRelay::hang`]).
+    hung: watch::Sender<bool>,
+    failures: Mutex<Vec<Failure>>,
+    delays: Mutex<Vec<Delay>>,
+    /// Delayed requests not yet answered by the upstream.
+    delayed: Arc<AtomicUsize>,
     log: Mutex<Vec<Logged>>,
     cut: watch::Sender<u64>,
     client: Mutex<HttpClient>,
@@ -1964,6 +2005,16 @@ fn shift_query(query: &str, shift: u64) -> String {
         .join("&")
 }
 
+fn full_body(b: Bytes) -> RelayBody {
+    Full::new(b).map_err(|never| match never {}).boxed()
+}
+
+/// Waits while the relay is hung.
+async fn unhung(inner: &RelayInner) {
+    let mut rx = inner.hung.subscribe();
+    let _ = rx.wait_for(|hung| !*hung).await;
+}
+
 async fn forward(
     inner: Arc<RelayInner>,
     req: Request<Incoming>,
@@ -1971,6 +2022,7 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().unwrap_or("").to_string();
+    let body = body.collect().await?.to_bytes();
     lock(&inner.log).push(Logged {
         at: Instant::now(),
         method: parts.method.to_string(),
@@ -1981,8 +2033,35 @@ async fn forward(
             .get("x-consul-token")
             .and_then(|v| v.to_str().ok())
             .map(String::from),
+        body: body.clone(),
     });
-    let body = body.collect().await?.to_bytes();
+    unhung(&inner).await;
+    let failure = lock(&inner.failures)
+        .iter()
+        .find(|f| path.starts_with(&f.path_prefix))
+        .cloned();
+    if let Some(f) = failure {
+        // As Consul answers when the call fails: a plain-text reason, and an index of
+        // 1 (it never sends 0, which would make clients spin).
+        let rsp = Response::builder()
+            .status(f.status)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .header("x-consul-index", "1")
+            .header(
+                "x-consul-knownleader",
+                if f.status == StatusCode::INTERNAL_SERVER_ERROR {
+                    "false"
+                } else {
+                    "true"
+                },
+            )
+            .body(full_body(Bytes::from(f.body)))?;
+        return Ok(rsp);
+    }
+    let delay = lock(&inner.delays)
+        .iter()
+        .find(|d| d.method == parts.method && path.starts_with(&d.path_prefix))
+        .map(|d| d.by);
     let shift = inner.shift.load(Ordering::SeqCst);
     let query = if shift > 0 {
         shift_query(&query, shift)
@@ -2005,7 +2084,34 @@ async fn forward(
     }
     let client = lock(&inner.client).clone();
     // No timeout: blocking queries hang for minutes by design.
-    let rsp = client.request(out).await?;
+    let rsp = match delay {
+        None => client.request(out).await?.map(BodyExt::boxed),
+        Some(by) => {
+            // Held, then forwarded whether or not the client still waits: an agent
+            // that has read a request carries it out even if the caller gave up.
+            let delayed = inner.delayed.clone();
+            delayed.fetch_add(1, Ordering::SeqCst);
+            let sent = tokio::spawn(async move {
+                tokio::time::sleep(by).await;
+                let rsp = client.request(out).await;
+                let rsp = match rsp {
+                    Ok(rsp) => {
+                        let (parts, body) = rsp.into_parts();
+                        body.collect()
+                            .await
+                            .map(|b| Response::from_parts(parts, b.to_bytes()))
+                            .map_err(BoxError::from)
+                    }
+                    Err(e) => Err(BoxError::from(e)),
+                };
+                delayed.fetch_sub(1, Ordering::SeqCst);
+                rsp
+            });
+            sent.await??.map(full_body)
+        }
+    };
+    // An answer that comes back while the relay is hung is held until it is not.
+    unhung(&inner).await;
     let (mut rparts, rbody) = rsp.into_parts();
     for h in HOP_BY_HOP {
         rparts.headers.remove(h);
@@ -2026,7 +2132,7 @@ async fn forward(
             rparts.headers.insert(name, HeaderValue::from(i));
         }
     }
-    Ok(Response::from_parts(rparts, rbody.boxed()))
+    Ok(Response::from_parts(rparts, rbody))
 }
 
 async fn relay_accept(
@@ -2065,7 +2171,9 @@ async fn relay_accept(
 
 /// An HTTP relay between baton and a Consul agent (a [`FakeConsul`] or a real one),
 /// for faults both can suffer: [`cut`](Self::cut) kills it like a dead agent
-/// process, [`set_index_shift`](Self::set_index_shift) makes the index go backwards
+/// process, [`hang`](Self::hang) makes it a hung one, [`fail`](Self::fail) answers
+/// errors (no leader, an unknown token), [`delay`](Self::delay) carries out calls
+/// late, [`set_index_shift`](Self::set_index_shift) makes the index go backwards
 /// as baton sees it. Requests are forwarded as they come (method, path and query,
 /// headers, body) and responses streamed back; an upstream that cannot be reached
 /// closes the client's connection without a response.
@@ -2092,6 +2200,10 @@ impl ConsulRelay {
             inner: Arc::new(RelayInner {
                 upstream,
                 shift: AtomicU64::new(0),
+                hung: watch::Sender::new(false),
+                failures: Mutex::new(Vec::new()),
+                delays: Mutex::new(Vec::new()),
+                delayed: Arc::new(AtomicUsize::new(0)),
                 log: Mutex::new(Vec::new()),
                 cut,
                 client: Mutex::new(client),
@@ -2159,6 +2271,57 @@ impl ConsulRelay {
     /// the index go backwards while the upstream stays consistent. 0 turns it off.
     pub fn set_index_shift(&self, shift: u64) {
         self.inner.shift.store(shift, Ordering::SeqCst);
+    }
+
+    /// From now on accepts connections and reads requests but answers nothing, like
+    /// an agent process that hangs while its kernel still talks TCP: new requests are
+    /// held before forwarding, answers to those in flight are held before sending.
+    /// [`unhang`](Self::unhang) lets them all go on.
+    pub fn hang(&self) {
+        self.inner.hung.send_replace(true);
+    }
+
+    /// Ends [`hang`](Self::hang): held requests are forwarded, held answers sent.
+    pub fn unhang(&self) {
+        self.inner.hung.send_replace(false);
+    }
+
+    /// From now on answers every request whose path starts with `path_prefix` itself,
+    /// with `status` and `body` as Consul writes a failed call (plain text,
+    /// `X-Consul-Index: 1`, `X-Consul-KnownLeader: false` for a 500), e.g. 500 `No
+    /// cluster leader` or 403 `ACL not found`. The requests are still logged.
+    pub fn fail(&self, path_prefix: &str, status: StatusCode, body: &str) {
+        lock(&self.inner.failures).push(Failure {
+            path_prefix: path_prefix.to_string(),
+            status,
+            body: body.to_string(),
+        });
+    }
+
+    /// Forwards everything again after [`fail`](Self::fail).
+    pub fn clear_failures(&self) {
+        lock(&self.inner.failures).clear();
+    }
+
+    /// From now on holds each `method` request whose path starts with `path_prefix`
+    /// for `by` before forwarding it, and forwards it even if the client has given up
+    /// meanwhile: an agent slow to carry out a call it has read.
+    pub fn delay(&self, method: Method, path_prefix: &str, by: Duration) {
+        lock(&self.inner.delays).push(Delay {
+            method,
+            path_prefix: path_prefix.to_string(),
+            by,
+        });
+    }
+
+    /// Stops delaying requests (those already held still are).
+    pub fn clear_delays(&self) {
+        lock(&self.inner.delays).clear();
+    }
+
+    /// Delayed requests the upstream has not answered yet.
+    pub fn delayed_in_flight(&self) -> usize {
+        self.inner.delayed.load(Ordering::SeqCst)
     }
 
     /// The requests forwarded so far, oldest first.

@@ -122,21 +122,28 @@ impl ServiceEntry {
         format!("{}/{}", self.node.node, self.service.id)
     }
 
-    /// The instance as balancers see it: `Service.Address`, else `Node.Address`; the
+    /// Where the instance is and how balancers see it: `Service.Address`, else
+    /// `Node.Address` (an IP address, or a DNS host name, which Consul allows); the
     /// port; the handoff port from the metadata; `Weights.Passing` (baton asks for
     /// passing instances only, so `Weights.Warning` never applies).
     ///
-    /// An entry baton cannot send to (a host name instead of an IP, no port) is an
-    /// error saying why; the caller skips it.
-    pub fn to_instance(&self) -> Result<Instance, String> {
+    /// An entry baton cannot send to (no address, an address that is neither, no
+    /// port) is an error saying why; the caller skips it.
+    pub fn to_target(&self) -> Result<Target, String> {
         let address = if self.service.address.is_empty() {
             &self.node.address
         } else {
             &self.service.address
         };
-        let ip: IpAddr = address.parse().map_err(|_| {
-            format!("address {address:?} is not an IP address (host names are not resolved)")
-        })?;
+        let host = match address.parse::<IpAddr>() {
+            Ok(ip) => Host::Ip(ip),
+            Err(_) if is_host_name(address) => Host::Name(address.clone()),
+            Err(_) => {
+                return Err(format!(
+                    "address {address:?} is neither an IP address nor a host name"
+                ))
+            }
+        };
         let port = u16::try_from(self.service.port)
             .ok()
             .filter(|p| *p != 0)
@@ -150,13 +157,77 @@ impl ServiceEntry {
                     .ok_or_else(|| format!("meta {META_HANDOFF_PORT}={p:?} is not a port"))?,
             ),
         };
-        Ok(Instance {
+        Ok(Target {
             id: Arc::from(self.key()),
-            addr: SocketAddr::new(ip, port),
+            host,
+            port,
             handoff_port,
             weight: self.service.weights.passing.max(1),
         })
     }
+
+    /// The instance, for an entry whose address is an IP address (see
+    /// [`to_target`](Self::to_target)); a host name is an error: resolve it first.
+    pub fn to_instance(&self) -> Result<Instance, String> {
+        let target = self.to_target()?;
+        match &target.host {
+            Host::Ip(ip) => Ok(target.at(*ip)),
+            Host::Name(name) => Err(format!("address {name:?} is a host name, not resolved yet")),
+        }
+    }
+}
+
+/// An entry's address before any name is resolved.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Host {
+    /// An IP address.
+    Ip(IpAddr),
+    /// A DNS host name.
+    Name(String),
+}
+
+/// An instance whose address may still be a host name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// As [`Instance::id`].
+    pub id: Arc<str>,
+    /// Where it is.
+    pub host: Host,
+    /// Its port.
+    pub port: u16,
+    /// As [`Instance::handoff_port`].
+    pub handoff_port: Option<u16>,
+    /// As [`Instance::weight`].
+    pub weight: u32,
+}
+
+impl Target {
+    /// The instance at `ip` (the host's address, or what its name resolved to).
+    pub fn at(&self, ip: IpAddr) -> Instance {
+        Instance {
+            id: self.id.clone(),
+            addr: SocketAddr::new(ip, self.port),
+            handoff_port: self.handoff_port,
+            weight: self.weight,
+        }
+    }
+}
+
+/// A DNS host name (RFC 1123: dot-separated labels of letters, digits and inner
+/// hyphens, at most 63 bytes each, 253 in all; a trailing dot allowed).
+fn is_host_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// `PUT /v1/agent/service/register`: the local service, with baton's readiness check.
@@ -312,16 +383,79 @@ mod tests {
     }
 
     #[test]
+    fn host_names_are_targets_to_resolve() {
+        let e = entry(serde_json::json!({
+            "Node": {"Node": "n", "Address": "10.0.0.1"},
+            "Service": {"ID": "a", "Service": "s", "Address": "db-1.internal.", "Port": 5432,
+                        "Meta": {"baton-handoff-port": "15010"}, "Weights": {"Passing": 4}}
+        }));
+        let t = e.to_target().unwrap();
+        assert_eq!(t.host, Host::Name("db-1.internal.".into()));
+        assert_eq!((t.port, t.handoff_port, t.weight), (5432, Some(15010), 4));
+        assert_eq!(&*t.id, "n/a");
+        let i = t.at("10.9.8.7".parse().unwrap());
+        assert_eq!(i.addr, "10.9.8.7:5432".parse().unwrap());
+        assert_eq!((i.handoff_port, i.weight, &*i.id), (Some(15010), 4, "n/a"));
+        assert!(e.to_instance().unwrap_err().contains("host name"));
+        // A host name as the node's address too.
+        let e = entry(serde_json::json!({
+            "Node": {"Node": "n", "Address": "node1.dc1"},
+            "Service": {"ID": "a", "Service": "s", "Port": 1}
+        }));
+        assert_eq!(e.to_target().unwrap().host, Host::Name("node1.dc1".into()));
+    }
+
+    #[test]
+    fn host_name_syntax() {
+        for good in [
+            "localhost",
+            "a",
+            "db-1.internal",
+            "x.y.",
+            "123.example",
+            &"a".repeat(63),
+        ] {
+            assert!(is_host_name(good), "{good}");
+        }
+        let long = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(62)
+        );
+        assert!(long.len() > 253 && !is_host_name(&long));
+        for bad in [
+            "",
+            ".",
+            "a..b",
+            "-a",
+            "a-",
+            "a_b",
+            "a b",
+            "a/b",
+            "ä.example",
+            &"a".repeat(64),
+            "[::1]",
+        ] {
+            assert!(!is_host_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn unusable_entries_say_why() {
         let bad = |service: serde_json::Value| {
             entry(serde_json::json!({"Node": {"Node": "n", "Address": "10.0.0.1"}, "Service": service}))
-                .to_instance()
+                .to_target()
                 .unwrap_err()
         };
         assert!(bad(
-            serde_json::json!({"ID": "a", "Service": "s", "Address": "db.internal", "Port": 1})
+            serde_json::json!({"ID": "a", "Service": "s", "Address": "db internal!", "Port": 1})
         )
-        .contains("not an IP"));
+        .contains("neither an IP address nor a host name"));
+        let no_address = entry(serde_json::json!({"Node": {"Node": "n"},
+                                                  "Service": {"ID": "a", "Service": "s", "Port": 1}}));
+        assert!(no_address.to_target().unwrap_err().contains("neither"));
         assert!(bad(serde_json::json!({"ID": "a", "Service": "s", "Port": 0})).contains("port"));
         assert!(
             bad(serde_json::json!({"ID": "a", "Service": "s", "Port": 70000})).contains("port")

@@ -20,6 +20,21 @@ use std::{
 const MAX_BODY: usize = 64 << 20;
 /// How long a connection to the agent may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a call may take, besides the `wait` of a blocking query.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `wait` Consul honours (its `maxQueryTime`): it cuts longer ones to this.
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// A blocking query's `wait` as sent (at most [`MAX_WAIT`], as Consul would cut it
+/// anyway) and the deadline of its answer: that wait, the up to wait/16 of jitter the
+/// agent adds to it, and [`CALL_TIMEOUT`]. A query still unanswered then is a failure.
+pub(crate) fn blocking_deadline(wait: Duration) -> (Duration, Duration) {
+    let wait = wait.min(MAX_WAIT);
+    (
+        wait,
+        CALL_TIMEOUT.saturating_add(wait).saturating_add(wait / 16),
+    )
+}
 
 /// A Consul API call that did not give an answer to use.
 #[derive(Debug, thiserror::Error)]
@@ -300,6 +315,23 @@ pub fn go_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocking_deadlines_are_bounded() {
+        let (wait, deadline) = blocking_deadline(Duration::from_secs(300));
+        assert_eq!(wait, Duration::from_secs(300));
+        assert_eq!(deadline, Duration::from_millis(300_000 + 18_750 + 10_000));
+        assert_eq!(
+            blocking_deadline(Duration::ZERO),
+            (Duration::ZERO, CALL_TIMEOUT)
+        );
+        // A wait beyond Consul's limit (or absurd) is cut to it: no overflow.
+        for huge in [Duration::from_secs(601), Duration::MAX] {
+            let (wait, deadline) = blocking_deadline(huge);
+            assert_eq!(wait, MAX_WAIT);
+            assert_eq!(deadline, Duration::from_millis(600_000 + 37_500 + 10_000));
+        }
+    }
 
     #[test]
     fn encoding() {

@@ -26,6 +26,18 @@ use tower::Service;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// TCP keepalive on agent connections. A blocking query idles for minutes, so a dead
+/// or blackholed agent (no ACKs) would otherwise go unnoticed until its deadline, or
+/// for the kernel's defaults (probes every 75 s, 9 of them): with these the connection
+/// fails after 30 s + 3 × 10 s without an answer to the probes, the query with it, and
+/// the watch marks the service stale and retries. (An agent whose kernel still answers
+/// but whose process hangs is caught by the query's deadline instead.)
+pub(crate) const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Between two unanswered keepalive probes.
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes before the connection is given up.
+pub(crate) const KEEPALIVE_RETRIES: u32 = 3;
+
 /// Makes connections to the agent, whatever the URI says (the client only ever talks
 /// to one agent).
 #[derive(Clone)]
@@ -46,8 +58,9 @@ impl Connector {
             c.enforce_http(false);
             c.set_nodelay(true);
             c.set_connect_timeout(Some(connect_timeout));
-            // A blocking query idles for minutes: notice a dead peer before `wait` ends.
-            c.set_keepalive(Some(Duration::from_secs(30)));
+            c.set_keepalive(Some(KEEPALIVE_IDLE));
+            c.set_keepalive_interval(Some(KEEPALIVE_INTERVAL));
+            c.set_keepalive_retries(Some(KEEPALIVE_RETRIES));
             c
         };
         match (&settings.addr, &settings.tls) {
@@ -183,5 +196,37 @@ impl Write for Conn {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consul::env;
+    use std::collections::HashMap;
+
+    #[tokio::test]
+    async fn agent_connections_probe_a_silent_peer_within_a_minute() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let vars: HashMap<String, String> = [(env::CONSUL_HTTP_ADDR.to_string(), addr.clone())]
+            .into_iter()
+            .collect();
+        let settings = env::from_env(&move |n| vars.get(n).cloned()).unwrap();
+        let mut connector = Connector::new(&settings, Duration::from_secs(1));
+        let uri: http::Uri = format!("http://{addr}/").parse().unwrap();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .unwrap();
+        let conn = connector.call(uri).await.unwrap();
+        let Stream::Tcp(tcp) = conn.0.inner() else {
+            panic!("a TCP agent address gives a TCP connection");
+        };
+        let sock = socket2::SockRef::from(tcp);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_RETRIES);
+        assert!(KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_RETRIES <= Duration::from_secs(60));
     }
 }

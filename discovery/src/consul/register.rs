@@ -7,16 +7,25 @@
 //! again. [`Registrar::deregister`] removes the instance; the application stops the
 //! loop and calls it on shutdown *before* draining, so peers stop choosing this
 //! instance while it still serves.
+//!
+//! The deregistration strictly follows any registration already sent: it first closes
+//! registration (no registration call starts any more), then waits for one in flight
+//! to be answered (bounded by that call's own timeout), and only then deregisters. A
+//! registration call abandoned instead could reach the agent after the deregistration
+//! and bring the instance back.
 
 use super::{
     api::Registration,
-    client::{encode, go_duration, Client, Error},
+    client::{blocking_deadline, encode, go_duration, Client, Error, CALL_TIMEOUT},
     retry::{Backoff, TokenBucket},
 };
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use std::time::Duration;
-use tokio::sync::watch;
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+use tokio::sync::{watch, Mutex};
 
 /// Keeps one service instance registered.
 #[derive(Debug)]
@@ -27,10 +36,13 @@ pub struct Registrar {
     body: Bytes,
     wait: Duration,
     backoff: Backoff,
+    /// Set when deregistering begins: no registration call starts from then on,
+    /// until [`reopen`](Self::reopen).
+    closed: AtomicBool,
+    /// Held by a registration call while it is in flight, and by the deregistration,
+    /// so that the two never overlap.
+    in_flight: Mutex<()>,
 }
-
-/// How long a registration call may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Registrar {
     /// A registrar of `registration`; `wait` bounds its blocking queries.
@@ -51,7 +63,15 @@ impl Registrar {
                 base: backoff_base,
                 max: backoff_max,
             },
+            closed: AtomicBool::new(false),
+            in_flight: Mutex::new(()),
         })
+    }
+
+    /// Allows registering again after a [`deregister`](Self::deregister) (joining
+    /// again: call it before starting [`run`](Self::run) anew).
+    pub fn reopen(&self) {
+        self.closed.store(false, Ordering::SeqCst);
     }
 
     /// The instance's ID.
@@ -59,8 +79,16 @@ impl Registrar {
         &self.id
     }
 
-    /// Registers (or re-registers, replacing the definition) the instance.
-    pub async fn register(&self) -> Result<(), Error> {
+    /// Registers (or re-registers, replacing the definition) the instance: `Ok(true)`
+    /// once the agent has it, `Ok(false)` without asking when deregistering has begun.
+    ///
+    /// Cancelling the returned future while the call is in flight gives up ordering
+    /// it before the deregistration: [`run`](Self::run) never does.
+    pub async fn register(&self) -> Result<bool, Error> {
+        let _in_flight = self.in_flight.lock().await;
+        if self.closed.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
         self.client
             .request(
                 Method::PUT,
@@ -70,15 +98,33 @@ impl Registrar {
             )
             .await?
             .success()
-            .map(drop)
+            .map(|_| true)
     }
 
-    /// Deregisters the instance; an instance the agent does not know is already gone.
-    pub async fn deregister(&self) -> Result<(), Error> {
+    /// Deregisters the instance, strictly after any registration call in flight (see
+    /// the module docs): closes registration, waits for such a call to be answered or
+    /// time out, then asks the agent, within `timeout`. An instance the agent does not
+    /// know is already gone.
+    pub async fn deregister(&self, timeout: Duration) -> Result<(), Error> {
+        self.closed.store(true, Ordering::SeqCst);
+        // A registration call holds the lock for at most its own timeout, CALL_TIMEOUT:
+        // this bound is only a safety net.
+        let _in_flight = match tokio::time::timeout(
+            CALL_TIMEOUT + Duration::from_secs(1),
+            self.in_flight.lock(),
+        )
+        .await
+        {
+            Ok(guard) => Some(guard),
+            Err(_) => {
+                tracing::warn!(id = %self.id, "a Consul registration call is still in flight; deregistering anyway");
+                None
+            }
+        };
         let path = format!("/v1/agent/service/deregister/{}", encode(&self.id));
         let rsp = self
             .client
-            .request(Method::PUT, &path, None, CALL_TIMEOUT)
+            .request(Method::PUT, &path, None, timeout)
             .await?;
         if rsp.status == StatusCode::NOT_FOUND {
             return Ok(());
@@ -87,9 +133,9 @@ impl Registrar {
     }
 
     /// Registers, then keeps the registration in place until `stop` turns true (or its
-    /// sender is dropped). A registration request that went out is always finished
-    /// before returning: dropped mid-flight, it could reach the agent after the
-    /// deregistration that follows a stop and bring the instance back.
+    /// sender is dropped), or deregistering begins. A registration call that went out
+    /// is always finished before returning (a stop does not cut it short), so a
+    /// [`deregister`](Self::deregister) waiting for it is never overtaken.
     pub async fn run(&self, mut stop: watch::Receiver<bool>) {
         let (id, service) = (&*self.id, &*self.name);
         // At most one query a second sustained, whatever the agent does.
@@ -105,7 +151,8 @@ impl Registrar {
             }
             if !registered {
                 match self.register().await {
-                    Ok(()) => {
+                    Ok(false) => return,
+                    Ok(true) => {
                         tracing::info!(service, id, agent = %self.client.settings().url(), "registered in Consul");
                         registered = true;
                         failures = 0;
@@ -127,12 +174,9 @@ impl Registrar {
             let mut path = format!("/v1/agent/service/{}", encode(id));
             let mut timeout = CALL_TIMEOUT;
             if let Some(h) = &hash {
-                path.push_str(&format!(
-                    "?hash={}&wait={}",
-                    encode(h),
-                    go_duration(self.wait)
-                ));
-                timeout += self.wait + self.wait / 16;
+                let (wait, deadline) = blocking_deadline(self.wait);
+                path.push_str(&format!("?hash={}&wait={}", encode(h), go_duration(wait)));
+                timeout = deadline;
             }
             let answer = tokio::select! {
                 biased;
@@ -190,5 +234,134 @@ async fn pause(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
         biased;
         _ = stopped(stop) => true,
         _ = tokio::time::sleep(d) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consul::{
+        api::{HttpCheck, Weights},
+        test_agent::{Asked, TestAgent},
+    };
+    use std::{collections::BTreeMap, sync::Arc};
+
+    pub(super) fn registration() -> Registration {
+        Registration {
+            id: "web-1".into(),
+            name: "web".into(),
+            tags: Vec::new(),
+            address: "127.0.0.1".into(),
+            port: 8080,
+            meta: BTreeMap::new(),
+            weights: Weights::default(),
+            check: HttpCheck {
+                name: "baton ready".into(),
+                http: "http://127.0.0.1:15021/ready".into(),
+                interval: "10s".into(),
+                timeout: "2s".into(),
+                deregister_critical_service_after: "1m".into(),
+            },
+        }
+    }
+
+    /// Waits (real time, bounded) until the agent has been asked something `pred` likes.
+    pub(super) async fn until_asked(agent: &TestAgent, pred: impl Fn(&Asked) -> bool) {
+        for _ in 0..500 {
+            if agent.asked().iter().any(&pred) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never asked; got {:?}", agent.asked());
+    }
+
+    #[tokio::test]
+    async fn a_wait_beyond_consuls_limit_is_cut_to_it() {
+        let agent = TestAgent::start(|_| {
+            (
+                200,
+                vec![("x-consul-contenthash", "h1".into())],
+                "{}".into(),
+            )
+        })
+        .await;
+        let registrar = Arc::new(
+            Registrar::new(
+                agent.client(),
+                &registration(),
+                Duration::MAX,
+                Duration::from_millis(10),
+                Duration::from_millis(10),
+            )
+            .unwrap(),
+        );
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn({
+            let r = registrar.clone();
+            async move { r.run(stop_rx).await }
+        });
+        until_asked(&agent, |a| {
+            a.uri.ends_with("/v1/agent/service/web-1?hash=h1&wait=600s")
+        })
+        .await;
+        stop.send(true).unwrap();
+        task.await
+            .expect("the loop neither panics nor hangs on stop");
+        let first = &agent.asked()[0];
+        assert_eq!(first.method, Method::PUT);
+        assert!(
+            first.uri.contains("/v1/agent/service/register"),
+            "{first:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn deregistering_waits_for_a_registration_in_flight() {
+        let agent = TestAgent::start(|_| (200, Vec::new(), "{}".into())).await;
+        agent.delay("/v1/agent/service/register", Duration::from_millis(300));
+        let registrar = Arc::new(
+            Registrar::new(
+                agent.client(),
+                &registration(),
+                Duration::from_secs(1),
+                Duration::from_millis(10),
+                Duration::from_millis(10),
+            )
+            .unwrap(),
+        );
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn({
+            let r = registrar.clone();
+            async move { r.run(stop_rx).await }
+        });
+        until_asked(&agent, |a| a.uri.contains("/register")).await;
+        // Leaving, while the agent has not answered the registration yet.
+        stop.send(true).unwrap();
+        registrar.deregister(Duration::from_secs(1)).await.unwrap();
+        let events = agent.events();
+        let answered = events
+            .iter()
+            .position(|e| e.starts_with("answered PUT") && e.contains("/register"))
+            .expect("the registration was answered");
+        let deregister = events
+            .iter()
+            .position(|e| e.starts_with("asked PUT") && e.contains("/deregister/web-1"))
+            .expect("deregistered");
+        assert!(answered < deregister, "{events:?}");
+        task.await.unwrap();
+        // Closed: no registration starts any more, until reopened.
+        assert!(!registrar.register().await.unwrap());
+        let puts = |agent: &TestAgent| {
+            agent
+                .asked()
+                .iter()
+                .filter(|a| a.uri.contains("/register"))
+                .count()
+        };
+        assert_eq!(puts(&agent), 1);
+        registrar.reopen();
+        assert!(registrar.register().await.unwrap());
+        assert_eq!(puts(&agent), 2);
     }
 }

@@ -16,11 +16,23 @@ pub(crate) struct TokenBucket {
     last: Instant,
 }
 
+/// The slowest rate a bucket runs at: a rate of 0, negative or NaN (never accepted by
+/// the configuration, but the type allows it) means this, not a division by zero.
+const MIN_RATE: f64 = 1e-3;
+/// The longest a bucket ever makes a caller wait for one token.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
 impl TokenBucket {
     pub(crate) fn new(rate: f64, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
+        // `f64::max` ignores NaN; infinity is a bucket that never makes anyone wait.
+        let rate = if rate.is_nan() {
+            MIN_RATE
+        } else {
+            rate.max(MIN_RATE)
+        };
         Self {
-            rate: rate.max(f64::MIN_POSITIVE),
+            rate,
             burst,
             tokens: burst,
             last: Instant::now(),
@@ -31,13 +43,18 @@ impl TokenBucket {
     fn take(&mut self, now: Instant) -> Duration {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.tokens -= 1.0;
+        let refill = elapsed * self.rate;
+        // 0 × ∞ is NaN: an infinite rate refills to the brim whatever the elapsed time.
+        let refill = if refill.is_nan() { self.burst } else { refill };
+        // The debt never grows past what `MAX_WAIT` repays, so it cannot overflow.
+        let floor = -(MAX_WAIT.as_secs_f64() * self.rate);
+        self.tokens = ((self.tokens + refill).min(self.burst) - 1.0).max(floor);
         if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
             // The debt is paid by the refill during the wait.
-            Duration::from_secs_f64(-self.tokens / self.rate)
+            Duration::try_from_secs_f64(-self.tokens / self.rate)
+                .map_or(MAX_WAIT, |d| d.min(MAX_WAIT))
         }
     }
 
@@ -64,7 +81,9 @@ impl Backoff {
         let exp = failures.saturating_sub(1).min(30);
         let ceiling = self.base.saturating_mul(1 << exp).min(self.max);
         let half = ceiling / 2;
-        half + half.mul_f64(rand::rng().random::<f64>())
+        // Saturating: with a `max` near `Duration::MAX` the float product can round up.
+        half.saturating_add(half.mul_f64(rand::rng().random::<f64>()))
+            .min(ceiling)
     }
 }
 
@@ -105,6 +124,56 @@ mod tests {
                 assert!(d >= ceiling / 2 && d <= ceiling, "{failures}: {d:?}");
             }
         }
+    }
+
+    #[test]
+    fn degenerate_rates_neither_panic_nor_wait_forever() {
+        let start = Instant::now();
+        for rate in [0.0, -1.0, f64::NAN, f64::NEG_INFINITY, f64::MIN_POSITIVE] {
+            let mut b = TokenBucket::new(rate, 1);
+            assert_eq!(b.take(start), Duration::ZERO, "rate {rate}: the burst");
+            // Over the (minimum) rate: a finite wait, never more than the cap, however
+            // deep in debt the callers go.
+            let first = b.take(start);
+            assert!(
+                first > Duration::ZERO && first <= MAX_WAIT,
+                "rate {rate}: {first:?}"
+            );
+            for _ in 0..10_000 {
+                assert!(b.take(start) <= MAX_WAIT, "rate {rate}");
+            }
+            let capped = b.take(start);
+            assert!(
+                capped >= MAX_WAIT - Duration::from_millis(1),
+                "rate {rate}: {capped:?}"
+            );
+            // And the bucket recovers once the debt is repaid.
+            let later = start + MAX_WAIT * 3;
+            assert_eq!(b.take(later), Duration::ZERO, "rate {rate}: refilled");
+        }
+        // An infinite rate never waits.
+        let mut b = TokenBucket::new(f64::INFINITY, 1);
+        for _ in 0..100 {
+            assert_eq!(b.take(start), Duration::ZERO);
+        }
+        // A zero burst still lets one through.
+        assert_eq!(TokenBucket::new(1.0, 0).take(start), Duration::ZERO);
+    }
+
+    #[test]
+    fn backoff_with_extreme_settings_does_not_panic() {
+        let b = Backoff {
+            base: Duration::MAX,
+            max: Duration::MAX,
+        };
+        for failures in [0, 1, 2, 31, u32::MAX] {
+            assert!(b.delay(failures) >= Duration::MAX / 2 - Duration::from_secs(1));
+        }
+        let zero = Backoff {
+            base: Duration::ZERO,
+            max: Duration::ZERO,
+        };
+        assert_eq!(zero.delay(u32::MAX), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,6 +14,9 @@
 //!   busy service, a proxy that does not block) cannot make it spin;
 //! - failures back off exponentially with jitter.
 //!
+//! Instances whose address is a DNS host name (Consul allows one) are resolved here,
+//! afresh for every answer, before publishing: never on the request path.
+//!
 //! Each answer replaces the service's snapshot in the [`Registry`]; the registry hands
 //! every balancer only the difference (insertions and removals by instance ID). When
 //! Consul cannot be reached or answers an error, nothing is published: the last known
@@ -21,13 +24,21 @@
 //! `/metrics`) until a query succeeds again.
 
 use super::{
-    api::ServiceEntry,
-    client::{encode, go_duration, Client, Error},
+    api::{Host, ServiceEntry, Target},
+    client::{blocking_deadline, encode, go_duration, Client, Error, CALL_TIMEOUT},
     retry::{Backoff, TokenBucket},
 };
 use crate::{Instance, Registry};
+use futures_util::StreamExt;
 use http::Method;
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
+use tokio::time::Instant;
 
 /// Settings of the watches (`BATON_CONSUL_*`).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -73,7 +84,7 @@ impl Default for WatchSettings {
 pub struct Health {
     /// The instances (with `passing`, only those whose checks all pass); an entry that
     /// does not decode comes with its JSON and the reason.
-    pub entries: Vec<Result<ServiceEntry, (serde_json::Value, serde_json::Error)>>,
+    pub entries: Vec<Entry>,
     /// `X-Consul-Index`.
     pub index: Option<u64>,
     /// Consul left out results the token may not read.
@@ -90,11 +101,11 @@ pub async fn health_service(
 ) -> Result<Health, Error> {
     let mut path = format!("/v1/health/service/{}?passing", encode(service));
     client.read_options(&mut path);
-    let mut timeout = Duration::from_secs(10);
+    let mut timeout = CALL_TIMEOUT;
     if index > 0 {
+        let (wait, deadline) = blocking_deadline(wait);
         path.push_str(&format!("&index={index}&wait={}", go_duration(wait)));
-        // The agent adds up to wait/16 of jitter to the wait.
-        timeout += wait + wait / 16;
+        timeout = deadline;
     }
     let rsp = client
         .request(Method::GET, &path, None, timeout)
@@ -131,7 +142,7 @@ pub fn next_index(sent: u64, returned: Option<u64>) -> Option<u64> {
 }
 
 /// The watch of one service.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Watch {
     client: Client,
     service: Arc<str>,
@@ -155,7 +166,21 @@ impl Watch {
         }
     }
 
-    /// Watches until the task is dropped.
+    /// Watches until dropped, in a task of its own that is restarted whenever it ends
+    /// or panics (neither should happen; if one does, the service must not silently
+    /// stop following Consul): the failure is logged at error, the service marked
+    /// stale — its last known instances keep serving — and the watch started again
+    /// after a backoff.
+    pub async fn supervise(self) {
+        let backoff = Backoff {
+            base: self.settings.backoff_base,
+            max: self.settings.backoff_max,
+        };
+        let (service, registry) = (self.service.clone(), self.registry.clone());
+        supervise(&service, &registry, backoff, move || self.clone().run()).await;
+    }
+
+    /// Watches until dropped.
     pub async fn run(self) {
         let mut bucket = TokenBucket::new(self.settings.rate, self.settings.burst);
         let backoff = Backoff {
@@ -180,7 +205,7 @@ impl Watch {
                         acl_warned = true;
                         tracing::warn!(service, "Consul hid instances this ACL token may not read (X-Consul-Results-Filtered-By-ACLs); grant it service:read");
                     }
-                    let instances = self.instances(&health.entries, &mut skipped);
+                    let instances = self.instances(&health.entries, &mut skipped).await;
                     let count = instances.len();
                     self.registry.publish(service, instances);
                     if published != Some(count) {
@@ -224,30 +249,17 @@ impl Watch {
         }
     }
 
-    /// The usable instances; each unusable one is logged at warn the first time it is
-    /// seen (answers repeat the whole list), then at debug.
-    fn instances(
-        &self,
-        entries: &[Result<ServiceEntry, (serde_json::Value, serde_json::Error)>],
-        skipped: &mut HashSet<String>,
-    ) -> Vec<Instance> {
+    /// The usable instances, host names resolved; each unusable one is logged at warn
+    /// the first time it is seen (answers repeat the whole list), then at debug.
+    async fn instances(&self, entries: &[Entry], skipped: &mut HashSet<String>) -> Vec<Instance> {
         let mut now_skipped = HashSet::new();
-        let instances = entries
-            .iter()
+        let instances = resolve_entries(entries, lookup)
+            .await
+            .into_iter()
             .filter_map(|e| {
                 let (key, why) = match e {
-                    Ok(e) => match e.to_instance() {
-                        Ok(i) => return Some(i),
-                        Err(why) => (e.key(), why),
-                    },
-                    Err((json, err)) => (
-                        format!(
-                            "{}/{}",
-                            json["Node"]["Node"].as_str().unwrap_or("?"),
-                            json["Service"]["ID"].as_str().unwrap_or("?")
-                        ),
-                        format!("cannot decode it: {err}"),
-                    ),
+                    Ok(i) => return Some(i),
+                    Err(skip) => skip,
                 };
                 if skipped.contains(&key) {
                     tracing::debug!(service = %self.service, instance = %key, "skipping a Consul instance: {why}");
@@ -263,9 +275,316 @@ impl Watch {
     }
 }
 
+/// An entry of a health answer, or the JSON that did not decode and why.
+type Entry = Result<ServiceEntry, (serde_json::Value, serde_json::Error)>;
+
+/// How long resolving one host name may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Host names resolved at once.
+const RESOLVE_CONCURRENCY: usize = 8;
+
+/// Resolves `name` with the system resolver (getaddrinfo, on tokio's blocking pool:
+/// never on a thread that serves requests).
+async fn lookup(name: String) -> Result<Vec<IpAddr>, String> {
+    tokio::net::lookup_host((name.as_str(), 0))
+        .await
+        .map(|addrs| addrs.map(|a| a.ip()).collect())
+        .map_err(|e| e.to_string())
+}
+
+/// The entries as instances, or the key and the reason each unusable one is skipped.
+/// Host names are resolved with `resolve` — each name once per call, so every answer
+/// from Consul resolves them afresh, several at a time, each within
+/// [`RESOLVE_TIMEOUT`] — and an instance whose name does not resolve is skipped. A
+/// name with IPv4 addresses gets the first of them (most services listen there),
+/// otherwise the first address.
+pub(crate) async fn resolve_entries<R, Fut>(
+    entries: &[Entry],
+    resolve: R,
+) -> Vec<Result<Instance, (String, String)>>
+where
+    R: Fn(String) -> Fut,
+    Fut: Future<Output = Result<Vec<IpAddr>, String>>,
+{
+    let targets: Vec<Result<Target, (String, String)>> = entries
+        .iter()
+        .map(|e| match e {
+            Ok(e) => e.to_target().map_err(|why| (e.key(), why)),
+            Err((json, err)) => Err((
+                format!(
+                    "{}/{}",
+                    json["Node"]["Node"].as_str().unwrap_or("?"),
+                    json["Service"]["ID"].as_str().unwrap_or("?")
+                ),
+                format!("cannot decode it: {err}"),
+            )),
+        })
+        .collect();
+    // Owned names: a stream of futures borrowing them would not be provably `Send`.
+    let names: HashSet<String> = targets
+        .iter()
+        .filter_map(|t| match t {
+            Ok(Target {
+                host: Host::Name(n),
+                ..
+            }) => Some(n.clone()),
+            _ => None,
+        })
+        .collect();
+    let resolved: HashMap<String, Result<IpAddr, String>> = futures_util::stream::iter(names)
+        .map(|name| {
+            let resolving = tokio::time::timeout(RESOLVE_TIMEOUT, resolve(name.clone()));
+            async move {
+                let ip = match resolving.await {
+                    Err(_) => Err(format!("no answer within {RESOLVE_TIMEOUT:?}")),
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(ips)) => ips
+                        .iter()
+                        .find(|ip| ip.is_ipv4())
+                        .or(ips.first())
+                        .copied()
+                        .ok_or_else(|| "no addresses".to_string()),
+                };
+                (name, ip)
+            }
+        })
+        .buffer_unordered(RESOLVE_CONCURRENCY)
+        .collect()
+        .await;
+    targets
+        .iter()
+        .map(|t| {
+            let t = t.clone()?;
+            match &t.host {
+                Host::Ip(ip) => Ok(t.at(*ip)),
+                Host::Name(name) => match resolved.get(name) {
+                    Some(Ok(ip)) => Ok(t.at(*ip)),
+                    Some(Err(e)) => Err((
+                        t.id.to_string(),
+                        format!("cannot resolve its host name {name:?}: {e}"),
+                    )),
+                    None => Err((t.id.to_string(), format!("{name:?} was not resolved"))),
+                },
+            }
+        })
+        .collect()
+}
+
+/// A watch that ran this long before failing starts over with the shortest backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// Runs `start()`'s future in a task, again and again: see [`Watch::supervise`].
+/// Dropping the supervisor stops the task.
+pub(crate) async fn supervise<F, Fut>(
+    service: &str,
+    registry: &Registry,
+    backoff: Backoff,
+    mut start: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    /// Aborts the task when the supervisor goes away.
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+
+    let mut restarts = 0u32;
+    loop {
+        let started = Instant::now();
+        let mut task = Abort(tokio::spawn(start()));
+        let why = match (&mut task.0).await {
+            Ok(()) => "ended".to_string(),
+            Err(e) if e.is_panic() => {
+                let payload = e.into_panic();
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                format!("panicked: {message}")
+            }
+            // Cancelled: only the runtime shutting down does that.
+            Err(_) => return,
+        };
+        registry.mark_stale(service);
+        if started.elapsed() >= HEALTHY_RUN {
+            restarts = 0;
+        }
+        restarts = restarts.saturating_add(1);
+        let delay = backoff.delay(restarts);
+        let kept = registry.instances(service).len();
+        tracing::error!(service, restarts, retry_in = ?delay, kept_instances = kept,
+            "the Consul watch {why}; serving the last known instances and restarting it");
+        tokio::time::sleep(delay).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consul::test_agent::TestAgent;
+
+    #[tokio::test]
+    async fn a_wait_beyond_consuls_limit_is_cut_to_it() {
+        let agent =
+            TestAgent::start(|_| (200, vec![("x-consul-index", "7".into())], "[]".into())).await;
+        let health = health_service(&agent.client(), "web", 5, Duration::MAX)
+            .await
+            .unwrap();
+        assert_eq!(health.index, Some(7));
+        let asked = agent.asked();
+        assert_eq!(asked.len(), 1);
+        assert!(
+            asked[0]
+                .uri
+                .ends_with("/v1/health/service/web?passing&index=5&wait=600s"),
+            "{asked:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_that_panics_or_ends_is_restarted_and_the_service_marked_stale() {
+        use std::sync::Mutex;
+        let registry = Registry::new();
+        registry.publish("web", vec![Instance::new(([127, 0, 0, 1], 1).into())]);
+        // Whether the service was stale as each start began.
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let backoff = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        let supervisor = tokio::spawn({
+            let (registry, starts) = (registry.clone(), starts.clone());
+            async move {
+                supervise("web", &registry.clone(), backoff, move || {
+                    let n = {
+                        let mut s = starts.lock().unwrap();
+                        s.push(registry.states()[0].stale_since.is_some());
+                        s.len()
+                    };
+                    let registry = registry.clone();
+                    async move {
+                        match n {
+                            1 => panic!("a bug in the watch"),
+                            // Publishes fresh data, runs for a while, then returns.
+                            2 => {
+                                let fresh = Instance::new(([127, 0, 0, 1], 2).into());
+                                registry.publish("web", vec![fresh]);
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                            }
+                            _ => std::future::pending().await,
+                        }
+                    }
+                })
+                .await
+            }
+        });
+        // Paused time: this sleep lets the supervisor run to its third start, which
+        // never ends.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(
+            *starts.lock().unwrap(),
+            [false, true, true],
+            "restarted after the panic and after the end, stale both times"
+        );
+        let state = &registry.states()[0];
+        assert!(
+            state.stale_since.is_some(),
+            "stale until the watch publishes"
+        );
+        assert_eq!(state.instances, 1, "still serving the last known instances");
+        assert!(!supervisor.is_finished());
+        supervisor.abort();
+    }
+
+    fn entry(address: &str, id: &str, port: u16) -> Entry {
+        Ok(serde_json::from_value(serde_json::json!({
+            "Node": {"Node": "n", "Address": "10.0.0.1"},
+            "Service": {"ID": id, "Service": "web", "Address": address, "Port": port}
+        }))
+        .unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn host_names_are_resolved_each_time_and_failures_skip_only_their_instances() {
+        use std::sync::Mutex;
+        let asked = Mutex::new(Vec::new());
+        let resolver = |name: String| {
+            asked.lock().unwrap().push(name.clone());
+            async move {
+                match name.as_str() {
+                    "dual.test" => Ok(vec![
+                        "2001:db8::1".parse().unwrap(),
+                        "192.0.2.7".parse().unwrap(),
+                    ]),
+                    "v6.test" => Ok(vec!["2001:db8::2".parse().unwrap()]),
+                    "empty.test" => Ok(vec![]),
+                    "slow.test" => std::future::pending().await,
+                    _ => Err("Name or service not known".to_string()),
+                }
+            }
+        };
+        let entries = [
+            entry("10.0.0.9", "ip", 80),
+            entry("dual.test", "dual-a", 81),
+            entry("dual.test", "dual-b", 82),
+            entry("v6.test", "v6", 83),
+            entry("gone.test", "gone", 84),
+            entry("empty.test", "empty", 85),
+            entry("slow.test", "slow", 86),
+        ];
+        let got = resolve_entries(&entries, resolver).await;
+        let ok: Vec<String> = got
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|i| format!("{} {}", i.id, i.addr))
+            .collect();
+        assert_eq!(
+            ok,
+            [
+                "n/ip 10.0.0.9:80",
+                "n/dual-a 192.0.2.7:81",
+                "n/dual-b 192.0.2.7:82",
+                "n/v6 [2001:db8::2]:83"
+            ]
+        );
+        let skipped: Vec<(String, String)> = got.into_iter().filter_map(Result::err).collect();
+        assert_eq!(skipped.len(), 3, "{skipped:?}");
+        assert_eq!(skipped[0].0, "n/gone");
+        assert!(
+            skipped[0].1.contains("\"gone.test\"") && skipped[0].1.contains("not known"),
+            "{skipped:?}"
+        );
+        assert!(skipped[1].1.contains("no addresses"), "{skipped:?}");
+        assert!(skipped[2].1.contains("no answer within"), "{skipped:?}");
+        // Each name once per answer, and again on the next one.
+        let mut once = asked.lock().unwrap().clone();
+        once.sort();
+        assert_eq!(
+            once,
+            [
+                "dual.test",
+                "empty.test",
+                "gone.test",
+                "slow.test",
+                "v6.test"
+            ]
+        );
+        resolve_entries(&entries[1..2], resolver).await;
+        assert_eq!(asked.lock().unwrap().len(), 6);
+    }
+
+    #[tokio::test]
+    async fn localhost_resolves_with_the_system_resolver() {
+        let got = resolve_entries(&[entry("localhost", "local", 8080)], lookup).await;
+        let i = got[0].as_ref().expect("localhost resolves");
+        assert!(i.addr.ip().is_loopback(), "{i:?}");
+        assert_eq!(i.addr.port(), 8080);
+    }
 
     #[test]
     fn index_rules() {
