@@ -49,6 +49,8 @@ run() {
     kill -TERM $pid
     wait $pid || true
     awk '/^summary:/ {print $2}' "$work/cg.$n"
+    # CG_KEEP=PREFIX keeps the profiles (PREFIX.N) for callgrind_annotate.
+    if [ -n "${CG_KEEP:-}" ]; then cp "$work/cg.$n" "$CG_KEEP.$n"; fi
 }
 a=$(run 200 "$@")
 b=$(run 1200 "$@")

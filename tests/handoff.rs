@@ -1210,3 +1210,81 @@ fn a_moved_connection_outlives_the_flow_ttl_while_in_use() {
     assert_eq!(got[1]["sha"], sha256(&content(MIB)));
     assert_eq!(f.metric("fe", "baton_handoffs_total"), 1.0);
 }
+
+#[test]
+fn a_backend_deployed_as_in_the_manifests_takes_handoffs_behind_its_capture() {
+    // The layout of deploy/kubernetes/backend-objects.yaml: `baton init` captures the
+    // backend pod's inbound TCP, its baton runs the tproxy listener with `*=local`
+    // and takes handoffs, serving moved connections from the app on loopback. The
+    // frontend's endpoint is the pod's app port, so what it proxies goes through the
+    // backend's capture too.
+    let Some(mut f) = Fleet::new() else { return };
+    let init = f.bed.exec(
+        "be1",
+        &[
+            "env",
+            "BATON_INBOUND_ADDR=0.0.0.0:15006",
+            "BATON_ADMIN_ADDR=0.0.0.0:15021",
+            BATON,
+            "init",
+        ],
+    );
+    assert!(
+        init.status.success(),
+        "baton init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    f.start_be(
+        "be1",
+        &[
+            ("BATON_INBOUND_MODE", "tproxy".into()),
+            ("BATON_ROUTES", "*=local".into()),
+        ],
+    );
+    let be1 = f.bed.ip("be1");
+    f.start_fe(&[("BATON_STATIC_SERVICES", format!("objects={be1}:8080"))]);
+    let local_200 = "baton_requests_total{service=\"local\",status=\"200\"}";
+
+    // Proxied (a connection that closes after one request): fe -> be1:8080, captured
+    // by be1's baton and served by its app.
+    let (got, sent) = f.fe_sent(|| {
+        f.script(json!([
+            [
+                "send",
+                "GET /256k HTTP/1.1\r\nHost: objects\r\nConnection: close\r\n\r\n"
+            ],
+            ["read"]
+        ]))
+    });
+    assert_eq!(
+        (&got[0]["status"], &got[0]["by"]),
+        (&json!(200), &json!("be1"))
+    );
+    assert_eq!(got[0]["sha"], sha256(&content(KIB256)));
+    f.assert_crossed_fe(sent, KIB256, "Connection: close, proxied");
+    assert_eq!(f.metric("be1", local_200), 1.0, "through be1's capture");
+    assert_eq!(f.metric("fe", "baton_handoffs_total"), 0.0);
+
+    // Keep-alive: handed off to be1's baton through the capture's table, then every
+    // request served from be1's app straight to the client.
+    let mut plan = vec![];
+    for _ in 0..5 {
+        plan.push(json!(["send", get("/256k")]));
+        plan.push(json!(["read"]));
+    }
+    let (got, sent) = f.fe_sent(|| f.script(json!(plan)));
+    assert_eq!(got.len(), 5, "{got:?}");
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r["status"], 200, "request {i}");
+        assert_eq!(r["by"], "be1", "request {i}");
+        assert_eq!(r["sha"], sha256(&content(KIB256)), "request {i} intact");
+    }
+    assert_eq!(f.metric("fe", "baton_handoffs_total"), 1.0);
+    f.assert_skipped_fe(
+        sent,
+        5 * KIB256,
+        "5 keep-alive responses from a captured backend",
+    );
+    // The moved connection was served by be1's handoff path, not its capture.
+    assert_eq!(f.metric("be1", local_200), 1.0);
+}
