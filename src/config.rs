@@ -1184,7 +1184,9 @@ impl Config {
         );
         let pool_max_idle = p.var(BATON_POOL_MAX_IDLE, DEFAULT_POOL_MAX_IDLE, |s| {
             s.parse::<usize>()
-                .map_err(|_| "expected a non-negative integer".to_string())
+                .ok()
+                .filter(|n| *n <= 100_000)
+                .ok_or_else(|| "expected an integer from 0 to 100000".to_string())
         });
         let ewma_default_rtt = p.var(
             BATON_EWMA_DEFAULT_RTT,

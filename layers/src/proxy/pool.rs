@@ -2,7 +2,9 @@
 //!
 //! Each [`HttpProxy`](super::http::HttpProxy) serves exactly one endpoint, so its pool
 //! needs no key: it is a lock-free queue of idle connections' senders (hyper's
-//! `client::conn::http1`), bounded by `BATON_POOL_MAX_IDLE`. A request pops an idle
+//! `client::conn::http1`), bounded by `BATON_POOL_MAX_IDLE`. The queue grows in small
+//! blocks as connections go idle, so an endpoint that never had many connections
+//! costs little memory whatever the bound (a sidecar may know thousands of endpoints). A request pops an idle
 //! connection (or dials a new one when none is left), sends, and its response body
 //! carries the connection ([`PooledBody`]): when the body has been read to its end the
 //! connection goes back to the queue, and if the body is dropped early (a client that
@@ -27,7 +29,7 @@
 use super::connect::{connect, ConnectConfig};
 use crate::{body::Body, errors::UpstreamError, Error};
 use bytes::Bytes;
-use crossbeam_queue::ArrayQueue;
+use crossbeam_queue::SegQueue;
 use http::{Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use hyper::{body::Incoming, client::conn::http1};
@@ -35,7 +37,10 @@ use hyper_util::rt::TokioIo;
 use std::{
     net::SocketAddr,
     pin::Pin,
-    sync::{atomic::AtomicBool, atomic::Ordering, Arc, Weak},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Weak,
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -52,10 +57,11 @@ struct Idle {
 pub struct H1Pool {
     addr: SocketAddr,
     cfg: Arc<ConnectConfig>,
-    idle: ArrayQueue<Idle>,
+    idle: SegQueue<Idle>,
+    /// Entries in `idle` (approximately, while pushes and pops race).
+    len: AtomicUsize,
+    max_idle: usize,
     idle_timeout: Duration,
-    /// `BATON_POOL_MAX_IDLE` 0: keep nothing.
-    keep: bool,
     reaping: AtomicBool,
 }
 
@@ -79,10 +85,10 @@ impl H1Pool {
         Arc::new(Self {
             addr,
             cfg,
-            // ArrayQueue needs room for one; a pool of 0 keeps nothing (see `put`).
-            idle: ArrayQueue::new(max_idle.max(1)),
+            idle: SegQueue::new(),
+            len: AtomicUsize::new(0),
+            max_idle,
             idle_timeout,
-            keep: max_idle > 0,
             reaping: AtomicBool::new(false),
         })
     }
@@ -92,9 +98,24 @@ impl H1Pool {
         self.idle.len()
     }
 
+    fn pop(&self) -> Option<Idle> {
+        let idle = self.idle.pop()?;
+        self.len.fetch_sub(1, Ordering::Relaxed);
+        Some(idle)
+    }
+
+    fn push(&self, idle: Idle) {
+        // Over the bound: drop it (hyper closes it).
+        if self.len.fetch_add(1, Ordering::Relaxed) >= self.max_idle {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        self.idle.push(idle);
+    }
+
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection or a new one.
     pub async fn send(self: Arc<Self>, mut req: Request<Body>) -> Result<Response<Body>, Error> {
-        while let Some(idle) = self.idle.pop() {
+        while let Some(idle) = self.pop() {
             if idle.sender.is_closed() || idle.since.elapsed() >= self.idle_timeout {
                 continue;
             }
@@ -148,11 +169,10 @@ impl H1Pool {
     }
 
     fn put(&self, sender: Sender) {
-        if !self.keep || sender.is_closed() {
+        if sender.is_closed() {
             return;
         }
-        // Full: drop it (hyper closes it).
-        let _ = self.idle.push(Idle {
+        self.push(Idle {
             sender,
             since: Instant::now(),
         });
@@ -177,9 +197,9 @@ impl H1Pool {
 
     fn reap(&self) {
         for _ in 0..self.idle.len() {
-            let Some(idle) = self.idle.pop() else { return };
+            let Some(idle) = self.pop() else { return };
             if !idle.sender.is_closed() && idle.since.elapsed() < self.idle_timeout {
-                let _ = self.idle.push(idle);
+                self.push(idle);
             }
         }
     }
@@ -248,7 +268,6 @@ impl Drop for PooledBody {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
-    use std::sync::atomic::AtomicUsize;
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
@@ -413,6 +432,25 @@ mod tests {
         })
         .await;
         assert_eq!(pool.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn no_more_than_max_idle_connections_are_kept() {
+        let ep = endpoint(false).await;
+        let pool = pool(&ep, 2, Duration::from_secs(30));
+        let rsps: Vec<_> = futures_util::future::join_all(
+            (0..4).map(|_| pool.clone().send(get("/10"))),
+        )
+        .await;
+        for rsp in rsps {
+            rsp.unwrap().into_body().collect().await.unwrap();
+        }
+        assert_eq!(ep.opened.load(Ordering::SeqCst), 4);
+        assert_eq!(pool.idle(), 2);
+        eventually("the two beyond the bound are closed", || {
+            ep.closed.load(Ordering::SeqCst) == 2
+        })
+        .await;
     }
 
     #[tokio::test]
