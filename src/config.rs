@@ -165,6 +165,12 @@ vars! {
     BATON_EWMA_DEFAULT_RTT = DEFAULT_EWMA_DEFAULT_RTT: "30ms";
     /// PeakEWMA: decay time of RTT observations.
     BATON_EWMA_DECAY = DEFAULT_EWMA_DECAY: "10s";
+    /// Consecutive connect failures that take an endpoint out of its balancer (0: never).
+    BATON_EJECT_FAILURES = DEFAULT_EJECT_FAILURES: "3";
+    /// How long an endpoint's first ejection lasts (doubling with each in a row).
+    BATON_EJECT_TIME = DEFAULT_EJECT_TIME: "1s";
+    /// The longest ejection.
+    BATON_EJECT_TIME_MAX = DEFAULT_EJECT_TIME_MAX: "30s";
     /// A service's balancer unused this long is dropped (rebuilt on next use).
     BATON_SERVICE_IDLE_TIMEOUT = DEFAULT_SERVICE_IDLE_TIMEOUT: "5m";
     /// Log filter (tracing env-filter syntax).
@@ -308,6 +314,14 @@ pub struct Config {
     /// PeakEWMA decay.
     #[serde(serialize_with = "duration")]
     pub ewma_decay: Duration,
+    /// Consecutive connect failures that eject an endpoint (0: never).
+    pub eject_failures: u32,
+    /// First ejection time.
+    #[serde(serialize_with = "duration")]
+    pub eject_time: Duration,
+    /// Longest ejection time.
+    #[serde(serialize_with = "duration")]
+    pub eject_time_max: Duration,
     /// Balancer idle eviction.
     #[serde(serialize_with = "duration")]
     pub service_idle_timeout: Duration,
@@ -1194,6 +1208,28 @@ impl Config {
             positive_duration,
         );
         let ewma_decay = p.var(BATON_EWMA_DECAY, DEFAULT_EWMA_DECAY, positive_duration);
+        let eject_failures = p.var(BATON_EJECT_FAILURES, DEFAULT_EJECT_FAILURES, |s| {
+            s.parse::<u32>()
+                .ok()
+                .filter(|n| *n <= 1000)
+                .ok_or_else(|| "expected a number of failures from 0 (never eject) to 1000".into())
+        });
+        let eject_time = p.var(BATON_EJECT_TIME, DEFAULT_EJECT_TIME, positive_duration);
+        let eject_time_max = p.var(
+            BATON_EJECT_TIME_MAX,
+            DEFAULT_EJECT_TIME_MAX,
+            positive_duration,
+        );
+        if let (Some(t), Some(max)) = (eject_time, eject_time_max) {
+            if max < t {
+                let value = p.raw(BATON_EJECT_TIME_MAX).unwrap_or_default();
+                p.fail(
+                    BATON_EJECT_TIME_MAX,
+                    &value,
+                    "expected a duration no shorter than BATON_EJECT_TIME",
+                );
+            }
+        }
         let service_idle_timeout = p.var(
             BATON_SERVICE_IDLE_TIMEOUT,
             DEFAULT_SERVICE_IDLE_TIMEOUT,
@@ -1341,6 +1377,9 @@ impl Config {
             pool_max_idle: pool_max_idle.ok_or_else(missing)?,
             ewma_default_rtt: ewma_default_rtt.ok_or_else(missing)?,
             ewma_decay: ewma_decay.ok_or_else(missing)?,
+            eject_failures: eject_failures.ok_or_else(missing)?,
+            eject_time: eject_time.ok_or_else(missing)?,
+            eject_time_max: eject_time_max.ok_or_else(missing)?,
             service_idle_timeout: service_idle_timeout.ok_or_else(missing)?,
             log: log.ok_or_else(missing)?,
             log_format: log_format.ok_or_else(missing)?,

@@ -12,10 +12,11 @@
 //!     Retry              connect failures only; re-enters the balancer
 //!     Buffer             shares the single-owner balancer between connections
 //!     Balancer           p2c | rr | hash over discovery; fails fast with no endpoints
-//!       endpoint         Count (balancer choices) -> Terminal: handoff, else HttpProxy
+//!       endpoint         Eject (out while failing to connect) -> Count (balancer
+//!                        choices) -> Terminal: handoff, else HttpProxy
 //!
 //! Opaque connection: route by port -> NewCache<Logical> -> Retry -> Buffer ->
-//!   Balancer over TcpConnect -> splice
+//!   Balancer over Eject -> TcpConnect -> splice
 //! ```
 
 use crate::config::Config;
@@ -24,6 +25,7 @@ use baton_layers::{
     balance::{EwmaConfig, HashKey, NewBalance},
     body::Body,
     cache::NewCache,
+    eject::{EjectConfig, NewEject},
     errors::ErrorResponseLayer,
     handoff::{
         fe::{NewTerminal, Terminal},
@@ -158,6 +160,7 @@ where
     <N::Service as Service<Request<Body>>>::Error: Into<Error>,
     <N::Service as Service<Request<Body>>>::Future: Send + 'static,
 {
+    let endpoint = ejecting(cfg, metrics, endpoint);
     let balance = new_balance(cfg, registry, endpoint, cfg.hash_key.clone());
     let (metrics, timeout, retries, capacity) = (
         metrics.clone(),
@@ -206,12 +209,12 @@ fn opaque(
     connect: Arc<ConnectConfig>,
 ) -> LogicalCache<BoxOpaque> {
     let tcp = NewTcpConnect::new(connect);
-    let metrics = metrics.clone();
+    let counters = metrics.clone();
     let endpoint = NewServiceFn::new(move |ep: Endpoint| {
-        let choices = metrics.choices(&ep.logical.service, ep.addr.to_string());
+        let choices = counters.choices(&ep.logical.service, ep.addr.to_string());
         Count::new(tcp.new_service(ep), choices)
     });
-    let balance = new_balance(cfg, registry, endpoint, ClientIpKey);
+    let balance = new_balance(cfg, registry, ejecting(cfg, metrics, endpoint), ClientIpKey);
     let (retries, capacity) = (cfg.retries, cfg.max_in_flight);
     let logical = ArcNewService::new(NewServiceFn::new(move |logical: Logical| {
         let balancer = Buffer::new(balance.new_service(logical), capacity);
@@ -222,6 +225,21 @@ fn opaque(
         )
     }));
     NewCache::new(logical, cfg.service_idle_timeout)
+}
+
+/// Endpoints that cannot be connected to leave their balancer for a while
+/// (`BATON_EJECT_*`): inside the balancer, which reads their readiness, and outside
+/// everything else at the endpoint level, so it sees every connect failure.
+fn ejecting<N>(cfg: &Config, metrics: &Metrics, endpoint: N) -> NewEject<N> {
+    let metrics = metrics.clone();
+    let eject = EjectConfig {
+        failures: cfg.eject_failures,
+        time: cfg.eject_time,
+        time_max: cfg.eject_time_max,
+    };
+    NewEject::new(endpoint, eject, move |ep: &Endpoint| {
+        metrics.ejections(&ep.logical.service, ep.addr.to_string())
+    })
 }
 
 /// A balancer factory resolving services in `registry`.

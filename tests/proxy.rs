@@ -261,6 +261,8 @@ async fn retries_move_idempotent_requests_off_a_dead_endpoint() {
         ),
         ("BATON_LB", "rr"),
         ("BATON_RETRIES", "1"),
+        // Retries alone (ejection would take the dead endpoint out).
+        ("BATON_EJECT_FAILURES", "0"),
     ])
     .await;
     for _ in 0..10 {
@@ -282,6 +284,88 @@ async fn retries_move_idempotent_requests_off_a_dead_endpoint() {
         failures, 2,
         "round-robin sends every other POST to the dead endpoint"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endpoint_refusing_connections_is_ejected_for_every_balancer() {
+    // PeakEWMA alone would rate a refusing endpoint the fastest (it fails at once), so
+    // p2c would keep choosing it; ejection takes it out after 3 connect failures.
+    for lb in ["p2c", "rr", "hash"] {
+        let live = Upstream::start("live", Behaviour::default()).await;
+        let dead = free_addr();
+        let baton = Baton::start(&[
+            ("BATON_ROUTES", "*=web"),
+            (
+                "BATON_STATIC_SERVICES",
+                &format!("web={dead},{}", live.addr),
+            ),
+            ("BATON_LB", lb),
+            ("BATON_HASH_KEY", "header:x-user"),
+            // Long enough that it does not come back during the test.
+            ("BATON_EJECT_TIME", "1m"),
+            ("BATON_EJECT_TIME_MAX", "1m"),
+        ])
+        .await;
+        // POSTs are never retried: each one the balancer gives the dead endpoint fails.
+        let client = http1_client();
+        let mut failures = 0;
+        for i in 0..60 {
+            let req = Request::post(format!("http://{}/", baton.addr))
+                .header("x-user", format!("user-{}", i % 20))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            match send(&client, req).await.unwrap().0 {
+                StatusCode::OK => {}
+                StatusCode::BAD_GATEWAY => failures += 1,
+                other => panic!("{lb}: unexpected {other}"),
+            }
+        }
+        assert!(
+            failures <= 3,
+            "{lb}: {failures} POSTs failed; ejection stops it at 3"
+        );
+        let m = baton.metrics().await;
+        let ejected =
+            format!("baton_endpoint_ejections_total{{service=\"web\",endpoint=\"{dead}\"}}");
+        assert_eq!(metric(&m, &ejected), 1.0, "{lb}:\n{m}");
+        assert_eq!(
+            live.hits(),
+            60 - failures,
+            "{lb}: the rest went to the live one"
+        );
+        assert!(baton.log().contains("endpoint ejected"), "{lb}: logged");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_last_endpoint_is_never_ejected() {
+    // Both endpoints refuse: one is ejected, the other stays in, so requests fail fast
+    // with 502 instead of waiting for an ejection to end.
+    let (a, b) = (free_addr(), free_addr());
+    let baton = Baton::start(&[
+        ("BATON_ROUTES", "*=web"),
+        ("BATON_STATIC_SERVICES", &format!("web={a},{b}")),
+        ("BATON_EJECT_TIME", "1m"),
+        ("BATON_EJECT_TIME_MAX", "1m"),
+    ])
+    .await;
+    for _ in 0..10 {
+        // Not queued behind an ejection (a minute: the request timeout, 504, first).
+        let (status, headers, _) = get(baton.addr, "/").await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert_eq!(headers["x-baton-error"], "connect-refused");
+    }
+    let m = baton.metrics().await;
+    let ejections: f64 = [a, b]
+        .iter()
+        .map(|e| {
+            metric(
+                &m,
+                &format!("baton_endpoint_ejections_total{{service=\"web\",endpoint=\"{e}\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(ejections, 1.0, "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -22,6 +22,7 @@ pub mod balance;
 pub mod body;
 pub mod cache;
 pub mod detect;
+pub mod eject;
 pub mod errors;
 pub mod handoff;
 pub mod io;

@@ -432,6 +432,7 @@ struct Inner {
     global: Global,
     services: Mutex<BTreeMap<Arc<str>, Arc<ServiceMetrics>>>,
     choices: Mutex<BTreeMap<(Arc<str>, String), Counter>>,
+    ejections: Mutex<BTreeMap<(Arc<str>, String), Counter>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -462,6 +463,15 @@ impl Metrics {
     /// something holds it (the endpoint's stack).
     pub fn choices(&self, service: &Arc<str>, endpoint: String) -> Counter {
         lock(&self.inner.choices)
+            .entry((service.clone(), endpoint))
+            .or_default()
+            .clone()
+    }
+
+    /// The counter of ejections of `endpoint` in `service` (see `eject`), reported
+    /// while something holds it.
+    pub fn ejections(&self, service: &Arc<str>, endpoint: String) -> Counter {
+        lock(&self.inner.ejections)
             .entry((service.clone(), endpoint))
             .or_default()
             .clone()
@@ -586,19 +596,35 @@ impl Metrics {
             "Times the balancer chose each endpoint.",
             "counter",
         );
-        let mut choices = lock(&self.inner.choices);
-        // An endpoint that left (no balancer holds its counter any more) leaves the
-        // exposition too, so churn does not grow it without bound.
-        choices.retain(|_, c| Arc::strong_count(&c.0) > 1);
-        for ((service, endpoint), c) in choices.iter() {
-            let _ = writeln!(
-                out,
-                "baton_balancer_choices_total{{service=\"{}\",endpoint=\"{}\"}} {}",
-                escape(service),
-                escape(endpoint),
-                c.get()
-            );
-        }
+        per_endpoint(out, &self.inner.choices, "baton_balancer_choices_total");
+        header(
+            out,
+            "baton_endpoint_ejections_total",
+            "Times each endpoint was taken out of its balancer after consecutive connect failures.",
+            "counter",
+        );
+        per_endpoint(out, &self.inner.ejections, "baton_endpoint_ejections_total");
+    }
+}
+
+/// Writes the samples of per-endpoint counters. An endpoint that left (no balancer
+/// holds its counter any more) leaves the exposition too, so churn does not grow it
+/// without bound.
+fn per_endpoint(
+    out: &mut String,
+    counters: &Mutex<BTreeMap<(Arc<str>, String), Counter>>,
+    name: &str,
+) {
+    let mut counters = lock(counters);
+    counters.retain(|_, c| Arc::strong_count(&c.0) > 1);
+    for ((service, endpoint), c) in counters.iter() {
+        let _ = writeln!(
+            out,
+            "{name}{{service=\"{}\",endpoint=\"{}\"}} {}",
+            escape(service),
+            escape(endpoint),
+            c.get()
+        );
     }
 }
 
