@@ -438,10 +438,8 @@ mod tests {
     async fn no_more_than_max_idle_connections_are_kept() {
         let ep = endpoint(false).await;
         let pool = pool(&ep, 2, Duration::from_secs(30));
-        let rsps: Vec<_> = futures_util::future::join_all(
-            (0..4).map(|_| pool.clone().send(get("/10"))),
-        )
-        .await;
+        let rsps: Vec<_> =
+            futures_util::future::join_all((0..4).map(|_| pool.clone().send(get("/10")))).await;
         for rsp in rsps {
             rsp.unwrap().into_body().collect().await.unwrap();
         }
