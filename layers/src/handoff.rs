@@ -28,12 +28,21 @@
 //! exists: the client's ACKs would be dropped by the hold and the BE would wait out a
 //! one-second initial RTO.
 //!
+//! Offer, ready, refusal and go travel on one long-lived control connection per FE ->
+//! BE pair, shared by every handoff between the two and matched by the offer's nonce
+//! (see [`control`]): no connection setup on the critical path. A control connection
+//! that ends fails only the handoffs in flight on it — the FE's fall back (before the
+//! switch, so they thaw), the BE's that said "ready" drop their copies — and the next
+//! handoff opens a new one. The BE's "closed" and "alive" notices keep short
+//! connections of their own, batched (see [`be`]).
+//!
 //! Kernel plumbing (see [`tables`]): one `netdev` table `baton` on the handoff
 //! interface holds the FE's `held` set (drop) and `moved` map (`fwd` to the BE) and the
 //! BE's `restored` set (mark, then `ip rule fwmark` to a table that delivers locally).
 //! Elements carry timeouts, so a crash leaks nothing for long.
 
 pub mod be;
+pub mod control;
 pub mod diag;
 pub mod fe;
 pub mod nft;
@@ -89,6 +98,8 @@ pub struct Handoff {
     diag: std::sync::atomic::AtomicBool,
     /// BE: "closed" notices waiting to go out, per FE receiver (and source).
     closed: Mutex<HashMap<Notices, Vec<Flow>>>,
+    /// FE: the control connection to each BE receiver.
+    controls: control::Controls,
 }
 
 /// Where a BE's notices about a moved connection go, and the address they come from:
@@ -116,6 +127,7 @@ impl Handoff {
             control: Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL)),
             diag: std::sync::atomic::AtomicBool::new(false),
             closed: Mutex::new(HashMap::new()),
+            controls: Mutex::new(HashMap::new()),
         })
     }
 
@@ -195,34 +207,4 @@ pub enum ReadError {
     /// The bytes were not an acceptable message.
     #[error(transparent)]
     Wire(#[from] wire::WireError),
-}
-
-/// Reads and verifies one message (clock window included; replays are the caller's).
-pub async fn read_message(
-    stream: &mut tokio::net::TcpStream,
-    key: &Key,
-) -> Result<wire::Envelope, ReadError> {
-    use tokio::io::AsyncReadExt;
-    let mut prefix = [0u8; 4];
-    stream.read_exact(&mut prefix).await?;
-    let len = wire::frame_len(prefix)?;
-    // Memory follows what actually arrives, not what the prefix claims.
-    let mut body = Vec::with_capacity(len.min(16 * 1024));
-    (&mut *stream)
-        .take(len as u64)
-        .read_to_end(&mut body)
-        .await?;
-    if body.len() != len {
-        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
-    }
-    Ok(wire::decode(key, &body, wire::now_ms())?)
-}
-
-/// Writes one encoded frame.
-pub async fn write_message(
-    stream: &mut tokio::net::TcpStream,
-    frame: &[u8],
-) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    stream.write_all(frame).await
 }

@@ -23,9 +23,10 @@
 //! and "go" only ever follows the switch.
 
 use super::{
-    read_message, repair,
+    control::Reply,
+    repair,
     wire::{self, Flow, Message, Offer},
-    write_message, Handoff,
+    Handoff,
 };
 use crate::{
     body::Body, new_service::NewService, proxy::headers::keeps_alive, target::Endpoint, Error,
@@ -47,13 +48,10 @@ use std::{
     time::Instant,
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
 use tower_service::Service;
-
-/// How long the FE waits for the BE to close a control connection after "go".
-const CONTROL_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Most bytes the gate records beyond what baton read itself.
 const MAX_CAPTURE: usize = 64 * 1024;
@@ -444,7 +442,7 @@ impl Handoff {
     }
 
     async fn try_hand_off(
-        &self,
+        self: &Arc<Self>,
         t: &Takeover,
         peer: SocketAddrV4,
         app_port: u16,
@@ -496,10 +494,13 @@ impl Handoff {
             data,
         }));
         let t_dump = started.elapsed();
-        // 3. offer, and wait (bounded) for "ready".
-        let ready = tokio::time::timeout(self.cfg.timeout, self.offer(peer, &offer)).await;
+        // 3. offer on the control connection to the BE (opened if there is none), and
+        // wait (bounded) for "ready".
+        let frame = wire::encode(&self.cfg.key, &offer);
+        let ready =
+            tokio::time::timeout(self.cfg.timeout, self.offer(peer, offer.nonce, frame)).await;
         let t_ready = started.elapsed();
-        let mut control = match ready {
+        let control = match ready {
             Ok(Ok(control)) => control,
             Ok(Err(reason)) => return thaw(reason),
             Err(_) => return thaw("timeout"),
@@ -523,16 +524,8 @@ impl Handoff {
         // drops, in repair mode too).
         t.moved_gate();
         let go = wire::encode(&self.cfg.key, &wire::envelope(Message::Go(offer.nonce)));
-        let sent = tokio::time::timeout(self.cfg.timeout, write_message(&mut control, &go)).await;
-        if matches!(sent, Ok(Ok(()))) {
-            // The BE closes the control connection first, so the TIME_WAIT lands on its
-            // side: otherwise every handoff would park one of this host's ephemeral
-            // ports for a minute, and a busy FE runs out of them.
-            tokio::spawn(async move {
-                let mut rest = [0u8; 64];
-                let _ = tokio::time::timeout(CONTROL_LINGER, control.read(&mut rest)).await;
-            });
-        } else {
+        let sent = tokio::time::timeout(self.cfg.timeout, control.send(go)).await;
+        if !matches!(sent, Ok(true)) {
             // Not thawing: "go" may have arrived all the same. If it did not, the BE
             // drops its copy and its "closed" notice removes the redirect.
             m.go_failed.incr();
@@ -548,29 +541,24 @@ impl Handoff {
         Ok(started)
     }
 
-    /// Sends `offer` to `peer` and waits for its answer; the control connection when
-    /// the answer is "ready".
+    /// Sends the offer `frame` (whose nonce is `nonce`) to `peer` on the control
+    /// connection to it, and waits for the answer: the connection when it is "ready".
     async fn offer(
-        &self,
+        self: &Arc<Self>,
         peer: SocketAddrV4,
-        offer: &wire::Envelope,
-    ) -> Result<TcpStream, &'static str> {
-        let mut control = TcpStream::connect(peer).await.map_err(|_| "unreachable")?;
-        let _ = control.set_nodelay(true);
-        let frame = wire::encode(&self.cfg.key, offer);
-        write_message(&mut control, &frame)
-            .await
-            .map_err(|_| "unreachable")?;
-        let reply = read_message(&mut control, &self.cfg.key)
-            .await
-            .map_err(|_| "protocol")?;
-        match reply.msg {
-            Message::Ready(n) if n == offer.nonce => Ok(control),
-            Message::Refused(n, why) if n == offer.nonce => {
+        nonce: [u8; 16],
+        frame: Vec<u8>,
+    ) -> Result<Arc<super::control::Control>, &'static str> {
+        let control = self.control_to(peer).await.map_err(|_| "unreachable")?;
+        // A connection that ended, or ends before the answer, fails only the handoffs
+        // waiting on it: this one falls back, the next opens a new connection.
+        let mut pending = control.offer(nonce, frame).ok_or("disconnected")?;
+        match pending.reply().await.ok_or("disconnected")? {
+            Reply::Ready => Ok(control),
+            Reply::Refused(why) => {
                 tracing::info!(be = %peer, reason = why.as_str(), "backend refused the handoff");
                 Err("refused")
             }
-            _ => Err("protocol"),
         }
     }
 }
