@@ -3,13 +3,13 @@
 //!
 //! ```text
 //! FE terminal (fe)                                     BE receiver (be)
-//!   hold: drop the flow's packets     (nft)
+//!   hold: drop the flow's packets     (socket filter)
 //!   freeze: TCP_REPAIR, dump state    (repair)
 //!   offer: state + request bytes  ---- wire ---->   verify key, clock, nonce, FE CIDR
 //!                                                    restore socket (repair), bound to
 //!                                                    the FE address; deliver locally (nft)
 //!                                 <--- ready ----
-//!   swap hold -> redirect, one batch  (nft)
+//!   redirect, one transaction         (nft)
 //!   close silently (repair mode)
 //!   go                            ---- go ------>    serve the request and follow-ups
 //!                                                    from the local app, splicing
@@ -17,10 +17,10 @@
 //!   remove redirect               <--- closed ---    remove local delivery
 //! ```
 //!
-//! Any failure before the swap thaws the socket and the request is proxied as usual:
-//! the client never sees the difference. After the swap the connection is the BE's,
+//! Any failure before the redirect thaws the socket and the request is proxied as usual:
+//! the client never sees the difference. After the redirect the connection is the BE's,
 //! even if "go" is lost (the BE then drops it, and the client gets a reset): the FE
-//! serves only before the swap, the BE only after "go", never both. Why each piece of TCP state travels, and the
+//! serves only before the redirect, the BE only after "go", never both. Why each piece of TCP state travels, and the
 //! order of the restore, follow CRIU's soccr: wrong sequence numbers blackhole the
 //! flow, no MSS means 536-byte segments, no window scale means tiny windows, no
 //! timestamp offset means the client drops segments (PAWS). The two-phase
@@ -37,7 +37,8 @@
 //! connections of their own, batched (see [`be`]).
 //!
 //! Kernel plumbing (see [`tables`]): one `netdev` table `baton` on the handoff
-//! interface holds the FE's `held` set (drop) and `moved` map (`fwd` to the BE) and the
+//! interface holds the FE's `moved` map (`fwd` to the BE; its `held` drop set is no
+//! longer used by the handoff, which holds with a socket filter) and the
 //! BE's `restored` set (mark, then `ip rule fwmark` to a table that delivers locally).
 //! Elements carry timeouts, so a crash leaks nothing for long.
 

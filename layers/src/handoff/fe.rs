@@ -11,7 +11,8 @@
 //!
 //! ## The switch decides who serves
 //!
-//! The nft batch that swaps the hold for the redirect is the point of no return.
+//! The nft batch that installs the redirect (the socket is held until then) is the
+//! point of no return.
 //! Before it, any failure thaws the socket and the FE proxies the request; it then
 //! never sends "go", and the BE, which writes nothing before "go", drops its copy
 //! unseen. Once the batch is committed the connection is the BE's: the FE never thaws
@@ -455,22 +456,26 @@ impl Handoff {
         };
         let fd = owned.as_fd();
         // Puts everything back as it was; the request is then proxied.
+        // (Released first, so that the client's answer to the thaw's window probe
+        // gets through.)
         let thaw = |reason| {
+            if let Err(e) = repair::release(fd) {
+                tracing::error!(error = %e, client = %flow.client, "cannot release a held socket");
+            }
             if let Err(e) = repair::thaw(fd) {
                 tracing::error!(error = %e, "cannot thaw a frozen socket");
-            }
-            if let Err(e) = tables.release(flow) {
-                tracing::warn!(error = %e, client = %flow.client, "cannot release a held flow; it expires on its own");
             }
             t.open_gate();
             Err(reason)
         };
         let t0 = Instant::now();
-        // 1. hold: nothing reaches the socket (or draws an RST) while it moves.
-        if let Err(e) = tables.hold(flow) {
+        // 1. hold: nothing reaches the socket (or draws an RST) while it moves. A
+        // socket filter, not an nft element: the redirect below is then the one nft
+        // transaction per handoff (see `repair::hold`).
+        if let Err(e) = repair::hold(fd) {
             tracing::warn!(error = %e, "cannot hold the flow");
             t.open_gate();
-            return Err("table");
+            return Err("socket");
         }
         let started = Instant::now();
         // 2. freeze and dump.
@@ -479,7 +484,7 @@ impl Handoff {
             Err(e) => {
                 tracing::debug!(error = %e, "socket cannot move");
                 // dump() left the socket thawed.
-                let _ = tables.release(flow);
+                let _ = repair::release(fd);
                 t.open_gate();
                 return Err("socket");
             }
@@ -509,7 +514,10 @@ impl Handoff {
         if !matches!(repair::unchanged(fd, &tcp, unread.len()), Ok(true)) {
             return thaw("socket");
         }
-        // 4. switch: hold -> redirect in one batch, then "go".
+        // 4. switch: the redirect, one nft transaction, then "go". From its commit on
+        // the flow's packets are forwarded at ingress and no longer reach the held
+        // socket, which stays until then, so none ever finds the FE's stack without
+        // a socket (and draws an RST).
         if let Err(e) = tables.redirect(flow, *peer.ip()) {
             tracing::warn!(error = %e, "cannot install the redirect");
             // A failed batch changed nothing; removing the redirect anyway covers one
