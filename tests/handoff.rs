@@ -1287,4 +1287,270 @@ fn a_backend_deployed_as_in_the_manifests_takes_handoffs_behind_its_capture() {
     );
     // The moved connection was served by be1's handoff path, not its capture.
     assert_eq!(f.metric("be1", local_200), 1.0);
+
+/// Clients on `n` connections at once (argv[3]), released together by a barrier:
+/// connection `i` asks for `/n/{i}` twice. Prints, per connection, its local port
+/// and the responses ({status, by, len, sha}), or {error}.
+const CONCURRENT_PY: &str = r#"
+import hashlib, json, socket, sys, threading
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+barrier = threading.Barrier(n)
+out = [None] * n
+def read_response(s, buf):
+    while b"\r\n\r\n" not in buf:
+        d = s.recv(65536)
+        if not d:
+            raise EOFError("closed inside a response head")
+        buf += d
+    head, buf = buf.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    h = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip() for l in lines[1:]}
+    k = int(h.get("content-length", "0"))
+    while len(buf) < k:
+        d = s.recv(1 << 20)
+        if not d:
+            raise EOFError("closed inside a response body")
+        buf += d
+    body, buf = buf[:k], buf[k:]
+    return {"status": int(lines[0].split()[1]), "by": h.get("x-served-by", ""),
+            "len": k, "sha": hashlib.sha256(body).hexdigest()}, buf
+def run(i):
+    try:
+        s = socket.create_connection((host, port), timeout=30)
+        barrier.wait()
+        buf, got = b"", []
+        for _ in range(2):
+            s.sendall(("GET /n/%d HTTP/1.1\r\nHost: objects\r\n\r\n" % i).encode())
+            r, buf = read_response(s, buf)
+            got.append(r)
+        out[i] = {"port": s.getsockname()[1], "responses": got}
+    except Exception as e:
+        out[i] = {"error": repr(e)}
+threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(out))
+"#;
+
+/// The fallback counters of `host`, as "reason=count " pairs (for messages).
+fn fallbacks(f: &Fleet) -> String {
+    baton_layers::metrics::FALLBACK_REASONS
+        .iter()
+        .map(|r| {
+            format!(
+                "{r}={} ",
+                f.metric(
+                    "fe",
+                    &format!("baton_handoff_fallbacks_total{{reason=\"{r}\"}}")
+                )
+            )
+        })
+        .collect()
+}
+
+/// Established connections to `host`'s handoff receiver, as its kernel sees them.
+fn receiver_connections(f: &Fleet, host: &str) -> usize {
+    f.bed
+        .must(
+            host,
+            &["ss", "-Htn", "state", "established", "sport", "= :15010"],
+        )
+        .lines()
+        .count()
+}
+
+#[test]
+fn handoffs_to_a_backend_share_one_control_connection() {
+    let Some(mut f) = Fleet::new() else { return };
+    f.start_be("be1", &[]);
+    f.start_be("be2", &[]);
+    // Concurrent handoffs through debug builds: a generous timeout (see below).
+    f.start_fe(&[("BATON_HANDOFF_TIMEOUT", "2s".into())]);
+    for i in 0..10 {
+        let (status, by, body) = f.get("/1k");
+        assert_eq!(status, 200, "request {i}");
+        assert!(by == "be1" || by == "be2", "request {i} served by {by:?}");
+        assert_eq!(sha256(&body), sha256(&content(1024)), "request {i}");
+    }
+    // And 20 at once.
+    let cmd = format!(
+        "seq 20 | xargs -P 20 -I{{}} curl -s --max-time 20 -o /dev/null -w '%{{http_code}}\\n' {}",
+        f.url("/256k")
+    );
+    let codes = f.bed.must("client", &["sh", "-c", &cmd]);
+    assert_eq!(codes.lines().filter(|c| *c == "200").count(), 20, "{codes}");
+    assert_eq!(
+        f.metric("fe", "baton_handoffs_total"),
+        30.0,
+        "fallbacks: {}",
+        fallbacks(&f)
+    );
+    for be in ["be1", "be2"] {
+        assert_eq!(f.metric(be, "baton_handoff_offers_total"), 15.0, "{be}");
+        assert_eq!(
+            f.metric(be, "baton_handoff_control_connections_total"),
+            1.0,
+            "{be} accepted one control connection for its 15 handoffs"
+        );
+        assert_eq!(
+            receiver_connections(&f, be),
+            1,
+            "{be}: the one is still open"
+        );
+    }
+    assert_eq!(f.metric("fe", "baton_handoff_control_opened_total"), 2.0);
+}
+
+#[test]
+fn a_backend_restart_fails_only_the_handoffs_in_flight_and_later_ones_reconnect() {
+    let Some(mut f) = Fleet::new() else { return };
+    f.start_be("be1", &[]);
+    // Only be1, and a timeout longer than this test waits: the fallbacks below are
+    // the lost connection's doing, not the timeout's.
+    let services = format!("objects={}:8080", f.bed.ip("be1"));
+    f.start_fe(&[
+        ("BATON_STATIC_SERVICES", services),
+        ("BATON_HANDOFF_TIMEOUT", "10s".into()),
+    ]);
+    let (status, by, _) = f.get("/1k");
+    assert_eq!((status, by.as_str()), (200, "be1"));
+    assert_eq!(f.metric("fe", "baton_handoffs_total"), 1.0);
+    // be1's baton stops: the next offers wait on the control connection, unanswered;
+    // then it dies, and the kernel resets its connections.
+    let be1 = f.be.remove(0).1;
+    f.bed.signal(be1, "STOP");
+    let started = Instant::now();
+    let got = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..3).map(|_| s.spawn(|| f.get("/256k"))).collect();
+        assert!(eventually(Duration::from_secs(10), || f
+            .metric("fe", "baton_handoff_attempts_total")
+            == 4.0));
+        std::thread::sleep(Duration::from_millis(300)); // the offers go out
+        f.bed.kill(be1);
+        clients
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "fell back when the connection died, not after the 10 s timeout ({:?})",
+        started.elapsed()
+    );
+    for (i, (status, by, body)) in got.iter().enumerate() {
+        assert_eq!(*status, 200, "in flight {i}: fe log:\n{}", f.log("fe"));
+        assert_eq!(by, "be1", "in flight {i}");
+        assert_eq!(sha256(body), sha256(&content(KIB256)), "in flight {i}");
+    }
+    assert_eq!(
+        f.metric(
+            "fe",
+            "baton_handoff_fallbacks_total{reason=\"disconnected\"}"
+        ),
+        3.0,
+        "fallbacks: {}",
+        fallbacks(&f)
+    );
+    assert_eq!(f.metric("fe", "baton_handoffs_total"), 1.0);
+    // A new baton on be1: the next handoffs open a new connection, and share it.
+    f.start_be("be1", &[]);
+    for i in 0..3 {
+        let ((status, by, body), sent) = f.fe_sent(|| f.get("/1m"));
+        assert_eq!((status, by.as_str()), (200, "be1"), "after the restart {i}");
+        assert_eq!(sha256(&body), sha256(&content(MIB)));
+        f.assert_skipped_fe(sent, MIB, "handed off after the restart");
+    }
+    assert_eq!(
+        f.metric("fe", "baton_handoffs_total"),
+        4.0,
+        "fallbacks: {}",
+        fallbacks(&f)
+    );
+    assert_eq!(
+        f.metric("be1", "baton_handoff_control_connections_total"),
+        1.0
+    );
+    assert_eq!(f.metric("fe", "baton_handoff_control_opened_total"), 2.0);
+}
+
+#[test]
+fn concurrent_handoffs_on_one_control_connection_go_to_their_own_backend() {
+    let Some(mut f) = Fleet::new() else { return };
+    const N: usize = 40;
+    let len = |i: usize| 4096 + 997 * i;
+    let dir = f.dir.join("www").join("n");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..N {
+        std::fs::write(dir.join(i.to_string()), content(len(i))).unwrap();
+    }
+    f.start_be("be1", &[]);
+    f.start_be("be2", &[]);
+    f.start_fe(&[("BATON_HANDOFF_TIMEOUT", "2s".into())]);
+    let script = f.dir.join("concurrent.py");
+    std::fs::write(&script, CONCURRENT_PY).unwrap();
+    let out = f.bed.exec(
+        "client",
+        &[
+            "python3",
+            script.to_str().unwrap(),
+            &f.bed.ip("fe"),
+            "15006",
+            &N.to_string(),
+        ],
+    );
+    let got: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "client failed ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(
+        f.metric("fe", "baton_handoffs_total"),
+        N as f64,
+        "fallbacks: {}",
+        fallbacks(&f)
+    );
+    // Which backend fe gave each connection to, from its log.
+    let log = f.log("fe");
+    let client = f.bed.ip("client");
+    let given_to = |port: u64| -> Option<String> {
+        let line = log.lines().find(|l| {
+            l.contains("connection handed off") && l.contains(&format!("client={client}:{port} "))
+        })?;
+        let be = line.split("be=").nth(1)?.split(':').next()?;
+        ["be1", "be2"]
+            .into_iter()
+            .find(|h| f.bed.ip(h) == be)
+            .map(str::to_string)
+    };
+    let mut by = std::collections::BTreeMap::new();
+    for (i, conn) in got.iter().enumerate() {
+        let rs = conn["responses"]
+            .as_array()
+            .unwrap_or_else(|| panic!("connection {i}: {conn}"));
+        let owner = given_to(conn["port"].as_u64().unwrap())
+            .unwrap_or_else(|| panic!("connection {i} not in the fe log:\n{log}"));
+        for (k, r) in rs.iter().enumerate() {
+            assert_eq!(r["status"], 200, "connection {i}, request {k}");
+            assert_eq!(r["len"], len(i), "connection {i}, request {k}");
+            assert_eq!(
+                r["sha"],
+                sha256(&content(len(i))),
+                "connection {i}, request {k}"
+            );
+            assert_eq!(r["by"], owner.as_str(), "connection {i}, request {k}");
+        }
+        *by.entry(owner).or_insert(0) += 1;
+    }
+    assert_eq!(
+        by.into_iter().collect::<Vec<_>>(),
+        [("be1".to_string(), N / 2), ("be2".to_string(), N / 2)]
+    );
+    for be in ["be1", "be2"] {
+        assert_eq!(f.metric(be, "baton_handoff_control_connections_total"), 1.0);
+        assert_eq!(f.metric(be, "baton_handoff_aborted_total"), 0.0);
+    }
 }

@@ -3,13 +3,13 @@
 //!
 //! ```text
 //! FE terminal (fe)                                     BE receiver (be)
-//!   hold: drop the flow's packets     (nft)
+//!   hold: drop the flow's packets     (socket filter)
 //!   freeze: TCP_REPAIR, dump state    (repair)
 //!   offer: state + request bytes  ---- wire ---->   verify key, clock, nonce, FE CIDR
 //!                                                    restore socket (repair), bound to
 //!                                                    the FE address; deliver locally (nft)
 //!                                 <--- ready ----
-//!   swap hold -> redirect, one batch  (nft)
+//!   redirect, one transaction         (nft)
 //!   close silently (repair mode)
 //!   go                            ---- go ------>    serve the request and follow-ups
 //!                                                    from the local app, splicing
@@ -17,10 +17,10 @@
 //!   remove redirect               <--- closed ---    remove local delivery
 //! ```
 //!
-//! Any failure before the swap thaws the socket and the request is proxied as usual:
-//! the client never sees the difference. After the swap the connection is the BE's,
+//! Any failure before the redirect thaws the socket and the request is proxied as usual:
+//! the client never sees the difference. After the redirect the connection is the BE's,
 //! even if "go" is lost (the BE then drops it, and the client gets a reset): the FE
-//! serves only before the swap, the BE only after "go", never both. Why each piece of TCP state travels, and the
+//! serves only before the redirect, the BE only after "go", never both. Why each piece of TCP state travels, and the
 //! order of the restore, follow CRIU's soccr: wrong sequence numbers blackhole the
 //! flow, no MSS means 536-byte segments, no window scale means tiny windows, no
 //! timestamp offset means the client drops segments (PAWS). The two-phase
@@ -28,12 +28,22 @@
 //! exists: the client's ACKs would be dropped by the hold and the BE would wait out a
 //! one-second initial RTO.
 //!
+//! Offer, ready, refusal and go travel on one long-lived control connection per FE ->
+//! BE pair, shared by every handoff between the two and matched by the offer's nonce
+//! (see [`control`]): no connection setup on the critical path. A control connection
+//! that ends fails only the handoffs in flight on it — the FE's fall back (before the
+//! switch, so they thaw), the BE's that said "ready" drop their copies — and the next
+//! handoff opens a new one. The BE's "closed" and "alive" notices keep short
+//! connections of their own, batched (see [`be`]).
+//!
 //! Kernel plumbing (see [`tables`]): one `netdev` table `baton` on the handoff
-//! interface holds the FE's `held` set (drop) and `moved` map (`fwd` to the BE) and the
+//! interface holds the FE's `moved` map (`fwd` to the BE; its `held` drop set is no
+//! longer used by the handoff, which holds with a socket filter) and the
 //! BE's `restored` set (mark, then `ip rule fwmark` to a table that delivers locally).
 //! Elements carry timeouts, so a crash leaks nothing for long.
 
 pub mod be;
+pub mod control;
 pub mod diag;
 pub mod fe;
 pub mod nft;
@@ -89,6 +99,8 @@ pub struct Handoff {
     diag: std::sync::atomic::AtomicBool,
     /// BE: "closed" notices waiting to go out, per FE receiver (and source).
     closed: Mutex<HashMap<Notices, Vec<Flow>>>,
+    /// FE: the control connection to each BE receiver.
+    controls: control::Controls,
 }
 
 /// Where a BE's notices about a moved connection go, and the address they come from:
@@ -116,6 +128,7 @@ impl Handoff {
             control: Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL)),
             diag: std::sync::atomic::AtomicBool::new(false),
             closed: Mutex::new(HashMap::new()),
+            controls: Mutex::new(HashMap::new()),
         })
     }
 
@@ -195,34 +208,4 @@ pub enum ReadError {
     /// The bytes were not an acceptable message.
     #[error(transparent)]
     Wire(#[from] wire::WireError),
-}
-
-/// Reads and verifies one message (clock window included; replays are the caller's).
-pub async fn read_message(
-    stream: &mut tokio::net::TcpStream,
-    key: &Key,
-) -> Result<wire::Envelope, ReadError> {
-    use tokio::io::AsyncReadExt;
-    let mut prefix = [0u8; 4];
-    stream.read_exact(&mut prefix).await?;
-    let len = wire::frame_len(prefix)?;
-    // Memory follows what actually arrives, not what the prefix claims.
-    let mut body = Vec::with_capacity(len.min(16 * 1024));
-    (&mut *stream)
-        .take(len as u64)
-        .read_to_end(&mut body)
-        .await?;
-    if body.len() != len {
-        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
-    }
-    Ok(wire::decode(key, &body, wire::now_ms())?)
-}
-
-/// Writes one encoded frame.
-pub async fn write_message(
-    stream: &mut tokio::net::TcpStream,
-    frame: &[u8],
-) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    stream.write_all(frame).await
 }

@@ -214,6 +214,10 @@ pub struct HandoffMetrics {
     pub latency: Histogram,
     /// FE: switched connections whose "go" could not be written (still the BE's).
     pub go_failed: Counter,
+    /// FE: control connections opened to BEs.
+    pub control_opened: Counter,
+    /// BE: control connections accepted (from FEs, or carrying a BE's notices).
+    pub control_connections: Counter,
     /// BE: offers received.
     pub offers: Counter,
     /// BE: messages refused, by reason.
@@ -238,6 +242,7 @@ pub const FALLBACK_REASONS: &[&str] = &[
     "refused",
     "timeout",
     "protocol",
+    "disconnected",
 ];
 /// Reasons a BE refuses a message.
 pub const REFUSAL_REASONS: &[&str] = &[
@@ -264,6 +269,8 @@ impl Default for HandoffMetrics {
             fallbacks: Labeled::new("reason", FALLBACK_REASONS),
             latency: Histogram::with_bounds(&HANDOFF_BUCKETS),
             go_failed: Counter::default(),
+            control_opened: Counter::default(),
+            control_connections: Counter::default(),
             offers: Counter::default(),
             refused: Labeled::new("reason", REFUSAL_REASONS),
             aborted: Counter::default(),
@@ -313,6 +320,18 @@ impl HandoffMetrics {
             "baton_handoff_go_failed_total",
             "Connections switched to a backend whose \"go\" could not be sent; they stay the backend's, which drops them unless \"go\" arrived (the client then gets a reset).",
             self.go_failed.get(),
+        );
+        counter(
+            out,
+            "baton_handoff_control_opened_total",
+            "Control connections this frontend opened to backends' batons (one is kept per backend and reused by every handoff to it).",
+            self.control_opened.get(),
+        );
+        counter(
+            out,
+            "baton_handoff_control_connections_total",
+            "Connections this baton's handoff receiver accepted: frontends' control connections and backends' notices.",
+            self.control_connections.get(),
         );
         counter(
             out,

@@ -1,27 +1,38 @@
 //! The BE side: the receiver on `BATON_HANDOFF_ADDR` that restores offered
 //! connections and serves them from the local application; and the FE side of the
 //! BE's notices ("closed", "alive").
+//!
+//! Each accepted connection carries a sequence of messages (see [`super::control`]):
+//! an FE's control connection carries the offers and "go"s of all its handoffs to
+//! this BE, interleaved; each offer is handled on its own task, and its "go" reaches
+//! it by the offer's nonce. A BE's notices arrive on short connections of their own
+//! (see [`Handoff::notices`] for why they do not use a control connection).
 
 use super::{
-    diag, read_message, repair,
-    wire::{self, Envelope, Flow, Message, Offer, Refusal},
-    write_message, Handoff, Notices, ReadError,
+    control::{self, FrameReader, Outgoing, Writer},
+    diag, repair,
+    wire::{self, Flow, Message, Offer, Refusal},
+    Handoff, Notices, ReadError,
 };
 use crate::proxy::tcp::{self, ForwardMetrics};
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr, SocketAddrV4},
-    sync::{atomic::Ordering, Arc},
+    sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{mpsc, oneshot, watch},
 };
 
-/// How long a control connection may take to send its message.
+/// How long a new connection may take to send its first message (an idle
+/// unauthenticated connection is not kept).
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Offers one control connection may have in flight (restoring or waiting for
+/// "go"); more are refused as busy.
+const MAX_IN_FLIGHT: usize = 1024;
 /// Beyond twice the FE's timeout, how long a restored socket waits for "go".
 const GO_GRACE: Duration = Duration::from_millis(500);
 /// The longest wait for "ready" an offer may ask for.
@@ -59,7 +70,7 @@ impl Handoff {
                         self.metrics().refused.get("busy").incr();
                         continue;
                     };
-                    let _ = conn.set_nodelay(true);
+                    control::tune(&conn);
                     let this = self.clone();
                     let drain = drain.clone();
                     tokio::spawn(async move {
@@ -81,59 +92,135 @@ impl Handoff {
         }
     }
 
+    /// Handles one accepted connection: its messages in order until it ends, fails,
+    /// or carries a message that is refused (the rest of the stream cannot be
+    /// trusted then). Its end fails the handoffs on it that still wait for "go".
     async fn control(
         self: Arc<Self>,
-        mut conn: TcpStream,
+        conn: TcpStream,
         from: SocketAddr,
-        drain: watch::Receiver<bool>,
+        mut drain: watch::Receiver<bool>,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
+        self.metrics().control_connections.incr();
+        let me = conn.local_addr().ok();
+        let (rd, wr) = conn.into_split();
+        let (out, rx) = mpsc::unbounded_channel();
+        // It closes the connection once this loop and every offer's task are done
+        // with it, after their last answers.
+        tokio::spawn(control::write_frames(wr, rx, None));
+        let waiting = Waiting::new();
+        let mut frames = FrameReader::new(rd);
         let key = &self.cfg.key;
-        let env = match tokio::time::timeout(READ_TIMEOUT, read_message(&mut conn, key)).await {
-            Ok(Ok(env)) => env,
-            Ok(Err(e)) => return self.refuse_read(from, &e),
-            Err(_) => return,
-        };
-        if let Err(e) = self.replay.check(&env, wire::now_ms()) {
-            return self.refuse_read(from, &ReadError::Wire(e));
-        }
-        let Envelope { nonce, msg, .. } = env;
-        match msg {
-            Message::Offer(offer) => {
-                // The exchange is done with the control connection either way.
-                let taken = self.take(conn, from, nonce, offer, &drain).await;
-                if let Some((socket, flow, data)) = taken {
-                    drop(permit);
-                    self.serve_moved(socket, flow, data, drain).await;
-                }
+        let mut first = true;
+        let mut draining = false;
+        loop {
+            if draining && waiting.is_empty() {
+                break; // shutting down, and no handoff on it is in flight
             }
-            // FE role. A notice concerns only the redirects to its sender: a BE ends
-            // or keeps the flows it was given, never another BE's, and "alive" never
-            // brings back a redirect that is gone.
-            Message::Closed(flows) => {
-                // The BE's copies of these moved connections are gone.
-                let IpAddr::V4(be) = from.ip() else { return };
-                match self.cfg.tables.forget_moved_from(&flows, be) {
-                    Ok(n) => {
-                        self.metrics().closed_applied.add(n as u64);
-                        self.ignored(from, "closed", flows.len() - n);
+            let next = async {
+                if first {
+                    tokio::time::timeout(READ_TIMEOUT, frames.next(key))
+                        .await
+                        .unwrap_or(Ok(None))
+                } else {
+                    frames.next(key).await
+                }
+            };
+            let env = tokio::select! {
+                env = next => env,
+                _ = drain.changed(), if !draining => {
+                    draining = true;
+                    continue;
+                }
+            };
+            first = false;
+            let env = match env {
+                Ok(Some(env)) => env,
+                Ok(None) => break,
+                Err(e) => {
+                    self.refuse_read(from, &e);
+                    break;
+                }
+            };
+            if let Err(e) = self.replay.check(&env, wire::now_ms()) {
+                self.refuse_read(from, &ReadError::Wire(e));
+                break;
+            }
+            let nonce = env.nonce;
+            match env.msg {
+                Message::Offer(offer) => {
+                    let go = if waiting.len() >= MAX_IN_FLIGHT {
+                        None
+                    } else {
+                        waiting.wait(nonce)
+                    };
+                    let Some(go) = go else {
+                        self.metrics().offers.incr();
+                        self.refuse(&out, from, nonce, offer.flow(), Refusal::Busy);
+                        continue;
+                    };
+                    let this = self.clone();
+                    let (out, waiting, drain) = (out.clone(), waiting.clone(), drain.clone());
+                    tokio::spawn(async move {
+                        let taken = this
+                            .take(me, &out, from, nonce, offer, go, &waiting, &drain)
+                            .await;
+                        drop(out);
+                        if let Some((socket, flow, data)) = taken {
+                            this.serve_moved(socket, flow, data, drain).await;
+                        }
+                    });
+                }
+                Message::Go(n) => {
+                    if !waiting.go(n) {
+                        // Its offer gave up waiting (and dropped the restored copy).
+                        tracing::debug!(%from, "\"go\" for an offer no longer waiting");
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot remove redirects"),
                 }
-            }
-            Message::Alive(flows) => {
-                // The BE still serves these: keep their redirects (to it) from expiring.
-                let IpAddr::V4(be) = from.ip() else { return };
-                match self.cfg.tables.refresh_moved(&flows, be) {
-                    Ok(n) => self.ignored(from, "alive", flows.len() - n),
-                    Err(e) => tracing::warn!(error = %e, "cannot refresh redirects"),
+                // FE role. A notice concerns only the redirects to its sender: a BE ends
+                // or keeps the flows it was given, never another BE's, and "alive" never
+                // brings back a redirect that is gone.
+                Message::Closed(flows) => {
+                    // The BE's copies of these moved connections are gone.
+                    let IpAddr::V4(be) = from.ip() else { break };
+                    match self.cfg.tables.forget_moved_from(&flows, be) {
+                        Ok(n) => {
+                            self.metrics().closed_applied.add(n as u64);
+                            self.ignored(from, "closed", flows.len() - n);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot remove redirects"),
+                    }
                 }
-            }
-            _ => {
-                self.metrics().refused.get("malformed").incr();
-                tracing::warn!(%from, "unexpected handoff message");
+                Message::Alive(flows) => {
+                    // The BE still serves these: keep their redirects (to it) from expiring.
+                    let IpAddr::V4(be) = from.ip() else { break };
+                    match self.cfg.tables.refresh_moved(&flows, be) {
+                        Ok(n) => self.ignored(from, "alive", flows.len() - n),
+                        Err(e) => tracing::warn!(error = %e, "cannot refresh redirects"),
+                    }
+                }
+                Message::Ready(_) | Message::Refused(..) => {
+                    self.metrics().refused.get("malformed").incr();
+                    tracing::warn!(%from, "unexpected handoff message");
+                    break;
+                }
             }
         }
+        // No "go" comes any more: the offers still waiting for one drop their copies.
+        waiting.close();
+        drop(permit);
+    }
+
+    /// Answers the offer `nonce` with a refusal for `why`.
+    fn refuse(&self, out: &Writer, from: SocketAddr, nonce: [u8; 16], flow: Flow, why: Refusal) {
+        self.metrics().refused.get(why.as_str()).incr();
+        tracing::warn!(%from, client = %flow.client, fe = %flow.local, reason = why.as_str(), "refused a handoff");
+        let frame = wire::encode(&self.cfg.key, &wire::envelope(Message::Refused(nonce, why)));
+        let _ = out.send(Outgoing {
+            frame,
+            written: None,
+        });
     }
 
     /// Counts the flows of a notice from `from` that had no redirect to it.
@@ -144,8 +231,9 @@ impl Handoff {
         }
     }
 
-    /// Checks and restores an offered connection and completes the ready/go exchange;
-    /// the restored socket once "go" came.
+    /// Checks and restores an offered connection and completes the ready/go exchange
+    /// (`go` fires when the offer's "go" arrives on the connection, `me`); the restored
+    /// socket once "go" came.
     ///
     /// Whether the offer is late is not judged here: comparing its timestamp with this
     /// host's clock would make the handoff depend on the two clocks agreeing within
@@ -154,12 +242,16 @@ impl Handoff {
     /// remembered against replays. Lateness is the FE's timeout's business: an FE that
     /// stopped waiting for "ready" has thawed the connection and proxies it, never
     /// sends "go", and without "go" this side never writes a byte.
+    #[allow(clippy::too_many_arguments)]
     async fn take(
         &self,
-        mut conn: TcpStream,
+        me: Option<SocketAddr>,
+        out: &Writer,
         from: SocketAddr,
         nonce: [u8; 16],
         offer: Offer,
+        mut go: oneshot::Receiver<()>,
+        waiting: &Waiting,
         drain: &watch::Receiver<bool>,
     ) -> Option<(socket2::Socket, Flow, Vec<u8>)> {
         let m = self.metrics();
@@ -172,11 +264,10 @@ impl Handoff {
         };
         let timeout_ms = offer.timeout_ms.min(MAX_OFFER_TIMEOUT_MS);
         let refuse = |why: Refusal| {
-            m.refused.get(why.as_str()).incr();
-            tracing::warn!(%from, client = %flow.client, fe = %flow.local, reason = why.as_str(), "refused a handoff");
-            wire::encode(&self.cfg.key, &wire::envelope(Message::Refused(nonce, why)))
+            waiting.forget(nonce);
+            self.refuse(out, from, nonce, flow, why);
+            None
         };
-        let me = conn.local_addr().ok();
         let refusal = if !self
             .cfg
             .fe_cidrs
@@ -194,39 +285,43 @@ impl Handoff {
             None
         };
         if let Some(why) = refusal {
-            let _ = write_message(&mut conn, &refuse(why)).await;
-            return None;
+            return refuse(why);
         }
         let socket = match repair::restore(&offer.tcp) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot restore the offered socket");
-                let _ = write_message(&mut conn, &refuse(Refusal::Restore)).await;
-                return None;
+                return refuse(Refusal::Restore);
             }
         };
         if let Err(e) = self.cfg.tables.deliver(flow) {
             tracing::warn!(error = %e, "cannot install local delivery");
             repair::close_silently(&socket);
-            let _ = write_message(&mut conn, &refuse(Refusal::Table)).await;
-            return None;
+            return refuse(Refusal::Table);
         }
         // Restored and reachable: say so, then write nothing before "go".
         let ready = wire::encode(&self.cfg.key, &wire::envelope(Message::Ready(nonce)));
         let wait = Duration::from_millis(2 * u64::from(timeout_ms)) + GO_GRACE;
-        let go = async {
-            write_message(&mut conn, &ready).await?;
-            let env = read_message(&mut conn, &self.cfg.key).await?;
-            self.replay.check(&env, wire::now_ms())?;
-            Ok::<_, ReadError>(env.msg == Message::Go(nonce))
-        };
+        let queued = out
+            .send(Outgoing {
+                frame: ready,
+                written: None,
+            })
+            .is_ok();
         // "go" is the only permission to serve (see `fe`, "The switch decides who
         // serves"): the FE sends it only after its switch, and once switched never
         // takes the connection back. So a control connection that closes, fails or
         // stays silent means "no go", whether or not the FE switched: before its switch
         // the FE serves, after it nobody does (and the client gets a reset), but never
         // both.
-        if !matches!(tokio::time::timeout(wait, go).await, Ok(Ok(true))) {
+        let got = queued
+            && match tokio::time::timeout(wait, &mut go).await {
+                Ok(got) => got.is_ok(),
+                // Gave up; unless "go" arrived in the meantime (it is then in `go`).
+                Err(_) => !waiting.forget(nonce) && go.try_recv().is_ok(),
+            };
+        if !got {
+            waiting.forget(nonce);
             // Leave no trace. Should the FE have switched, the notice removes its
             // redirect, so the client gets a reset rather than silence; should it not
             // have, the notice matches no redirect to this BE and changes nothing.
@@ -326,6 +421,15 @@ impl Handoff {
 
     /// Sends the queued "closed" notices every [`NOTICE_EVERY`], batched per FE.
     /// Runs until the process ends.
+    ///
+    /// Notices keep a short connection of their own per batch rather than riding a
+    /// control connection: control connections run FE -> BE and exist only while an
+    /// FE hands connections to this BE, but a notice must reach an FE that has none
+    /// (it restarted and kept its redirects, or the connection died), so this path
+    /// would be needed anyway; and the FE tells whose flows a notice may touch by the
+    /// address it comes from, which a connection bound here to the redirect's BE
+    /// address gives. Notices are off every handoff's critical path, and batching
+    /// makes them one connection per FE per [`NOTICE_EVERY`] at most.
     pub async fn notices(self: Arc<Self>) {
         loop {
             tokio::time::sleep(NOTICE_EVERY).await;
@@ -354,7 +458,7 @@ impl Handoff {
             socket.set_reuseaddr(true)?;
             socket.bind(SocketAddr::from((to.be, 0)))?;
             let mut c = socket.connect(SocketAddr::V4(to.fe)).await?;
-            write_message(&mut c, &frame).await?;
+            c.write_all(&frame).await?;
             c.shutdown().await
         })
         .await;
@@ -419,6 +523,63 @@ impl Handoff {
                 }
             }
         }
+    }
+}
+
+/// The offers on one control connection that wait for their "go", by nonce; `None`
+/// once the connection has ended (no "go" can come).
+#[derive(Clone, Debug)]
+struct Waiting(Arc<Mutex<Option<GoSenders>>>);
+
+/// What fires each waiting offer's "go", by nonce.
+type GoSenders = HashMap<[u8; 16], oneshot::Sender<()>>;
+
+impl Waiting {
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new(Some(HashMap::new()))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<GoSenders>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers the offer `nonce`: what its "go" fires. `None` if the nonce waits
+    /// already (it cannot: the replay check came first) or the connection ended.
+    fn wait(&self, nonce: [u8; 16]) -> Option<oneshot::Receiver<()>> {
+        let mut g = self.lock();
+        let map = g.as_mut()?;
+        if map.contains_key(&nonce) {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        map.insert(nonce, tx);
+        Some(rx)
+    }
+
+    /// Delivers the "go" for `nonce`; whether its offer was waiting.
+    fn go(&self, nonce: [u8; 16]) -> bool {
+        let tx = self.lock().as_mut().and_then(|m| m.remove(&nonce));
+        tx.is_some_and(|tx| tx.send(()).is_ok())
+    }
+
+    /// Stops waiting for `nonce`; whether it was still waiting.
+    fn forget(&self, nonce: [u8; 16]) -> bool {
+        self.lock()
+            .as_mut()
+            .is_some_and(|m| m.remove(&nonce).is_some())
+    }
+
+    fn len(&self) -> usize {
+        self.lock().as_ref().map_or(0, HashMap::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The connection ended: every offer still waiting fails.
+    fn close(&self) {
+        self.lock().take();
     }
 }
 

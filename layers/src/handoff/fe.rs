@@ -11,7 +11,8 @@
 //!
 //! ## The switch decides who serves
 //!
-//! The nft batch that swaps the hold for the redirect is the point of no return.
+//! The nft batch that installs the redirect (the socket is held until then) is the
+//! point of no return.
 //! Before it, any failure thaws the socket and the FE proxies the request; it then
 //! never sends "go", and the BE, which writes nothing before "go", drops its copy
 //! unseen. Once the batch is committed the connection is the BE's: the FE never thaws
@@ -23,9 +24,10 @@
 //! and "go" only ever follows the switch.
 
 use super::{
-    read_message, repair,
+    control::Reply,
+    repair,
     wire::{self, Flow, Message, Offer},
-    write_message, Handoff,
+    Handoff,
 };
 use crate::{
     body::Body, new_service::NewService, proxy::headers::keeps_alive, target::Endpoint, Error,
@@ -47,13 +49,10 @@ use std::{
     time::Instant,
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
 use tower_service::Service;
-
-/// How long the FE waits for the BE to close a control connection after "go".
-const CONTROL_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Most bytes the gate records beyond what baton read itself.
 const MAX_CAPTURE: usize = 64 * 1024;
@@ -444,7 +443,7 @@ impl Handoff {
     }
 
     async fn try_hand_off(
-        &self,
+        self: &Arc<Self>,
         t: &Takeover,
         peer: SocketAddrV4,
         app_port: u16,
@@ -457,22 +456,26 @@ impl Handoff {
         };
         let fd = owned.as_fd();
         // Puts everything back as it was; the request is then proxied.
+        // (Released first, so that the client's answer to the thaw's window probe
+        // gets through.)
         let thaw = |reason| {
+            if let Err(e) = repair::release(fd) {
+                tracing::error!(error = %e, client = %flow.client, "cannot release a held socket");
+            }
             if let Err(e) = repair::thaw(fd) {
                 tracing::error!(error = %e, "cannot thaw a frozen socket");
-            }
-            if let Err(e) = tables.release(flow) {
-                tracing::warn!(error = %e, client = %flow.client, "cannot release a held flow; it expires on its own");
             }
             t.open_gate();
             Err(reason)
         };
         let t0 = Instant::now();
-        // 1. hold: nothing reaches the socket (or draws an RST) while it moves.
-        if let Err(e) = tables.hold(flow) {
+        // 1. hold: nothing reaches the socket (or draws an RST) while it moves. A
+        // socket filter, not an nft element: the redirect below is then the one nft
+        // transaction per handoff (see `repair::hold`).
+        if let Err(e) = repair::hold(fd) {
             tracing::warn!(error = %e, "cannot hold the flow");
             t.open_gate();
-            return Err("table");
+            return Err("socket");
         }
         let started = Instant::now();
         // 2. freeze and dump.
@@ -481,7 +484,7 @@ impl Handoff {
             Err(e) => {
                 tracing::debug!(error = %e, "socket cannot move");
                 // dump() left the socket thawed.
-                let _ = tables.release(flow);
+                let _ = repair::release(fd);
                 t.open_gate();
                 return Err("socket");
             }
@@ -496,10 +499,13 @@ impl Handoff {
             data,
         }));
         let t_dump = started.elapsed();
-        // 3. offer, and wait (bounded) for "ready".
-        let ready = tokio::time::timeout(self.cfg.timeout, self.offer(peer, &offer)).await;
+        // 3. offer on the control connection to the BE (opened if there is none), and
+        // wait (bounded) for "ready".
+        let frame = wire::encode(&self.cfg.key, &offer);
+        let ready =
+            tokio::time::timeout(self.cfg.timeout, self.offer(peer, offer.nonce, frame)).await;
         let t_ready = started.elapsed();
-        let mut control = match ready {
+        let control = match ready {
             Ok(Ok(control)) => control,
             Ok(Err(reason)) => return thaw(reason),
             Err(_) => return thaw("timeout"),
@@ -508,7 +514,10 @@ impl Handoff {
         if !matches!(repair::unchanged(fd, &tcp, unread.len()), Ok(true)) {
             return thaw("socket");
         }
-        // 4. switch: hold -> redirect in one batch, then "go".
+        // 4. switch: the redirect, one nft transaction, then "go". From its commit on
+        // the flow's packets are forwarded at ingress and no longer reach the held
+        // socket, which stays until then, so none ever finds the FE's stack without
+        // a socket (and draws an RST).
         if let Err(e) = tables.redirect(flow, *peer.ip()) {
             tracing::warn!(error = %e, "cannot install the redirect");
             // A failed batch changed nothing; removing the redirect anyway covers one
@@ -523,16 +532,8 @@ impl Handoff {
         // drops, in repair mode too).
         t.moved_gate();
         let go = wire::encode(&self.cfg.key, &wire::envelope(Message::Go(offer.nonce)));
-        let sent = tokio::time::timeout(self.cfg.timeout, write_message(&mut control, &go)).await;
-        if matches!(sent, Ok(Ok(()))) {
-            // The BE closes the control connection first, so the TIME_WAIT lands on its
-            // side: otherwise every handoff would park one of this host's ephemeral
-            // ports for a minute, and a busy FE runs out of them.
-            tokio::spawn(async move {
-                let mut rest = [0u8; 64];
-                let _ = tokio::time::timeout(CONTROL_LINGER, control.read(&mut rest)).await;
-            });
-        } else {
+        let sent = tokio::time::timeout(self.cfg.timeout, control.send(go)).await;
+        if !matches!(sent, Ok(true)) {
             // Not thawing: "go" may have arrived all the same. If it did not, the BE
             // drops its copy and its "closed" notice removes the redirect.
             m.go_failed.incr();
@@ -548,29 +549,24 @@ impl Handoff {
         Ok(started)
     }
 
-    /// Sends `offer` to `peer` and waits for its answer; the control connection when
-    /// the answer is "ready".
+    /// Sends the offer `frame` (whose nonce is `nonce`) to `peer` on the control
+    /// connection to it, and waits for the answer: the connection when it is "ready".
     async fn offer(
-        &self,
+        self: &Arc<Self>,
         peer: SocketAddrV4,
-        offer: &wire::Envelope,
-    ) -> Result<TcpStream, &'static str> {
-        let mut control = TcpStream::connect(peer).await.map_err(|_| "unreachable")?;
-        let _ = control.set_nodelay(true);
-        let frame = wire::encode(&self.cfg.key, offer);
-        write_message(&mut control, &frame)
-            .await
-            .map_err(|_| "unreachable")?;
-        let reply = read_message(&mut control, &self.cfg.key)
-            .await
-            .map_err(|_| "protocol")?;
-        match reply.msg {
-            Message::Ready(n) if n == offer.nonce => Ok(control),
-            Message::Refused(n, why) if n == offer.nonce => {
+        nonce: [u8; 16],
+        frame: Vec<u8>,
+    ) -> Result<Arc<super::control::Control>, &'static str> {
+        let control = self.control_to(peer).await.map_err(|_| "unreachable")?;
+        // A connection that ended, or ends before the answer, fails only the handoffs
+        // waiting on it: this one falls back, the next opens a new connection.
+        let mut pending = control.offer(nonce, frame).ok_or("disconnected")?;
+        match pending.reply().await.ok_or("disconnected")? {
+            Reply::Ready => Ok(control),
+            Reply::Refused(why) => {
                 tracing::info!(be = %peer, reason = why.as_str(), "backend refused the handoff");
                 Err("refused")
             }
-            _ => Err("protocol"),
         }
     }
 }

@@ -3,8 +3,9 @@
 //! The static table (sets, map, chain and rules, see [`super::tables`]) is made once at
 //! startup; per handoff only set elements change, and they change here — one
 //! `sendmsg` of a batch and its acknowledgements, no process, no parsing. Batches are
-//! atomic: the FE's "hold -> redirect" swap is one batch, so no packet of the flow ever
-//! sees neither.
+//! atomic. Per handoff the FE makes one transaction, the redirect: its hold is a
+//! socket filter on the frozen socket (`repair::hold`), which stays until the redirect
+//! is committed, so no packet of the flow ever finds neither.
 //!
 //! Each worker thread keeps its own netlink socket (an operation is a few microseconds
 //! of synchronous kernel work, with no await inside), so handoffs on different threads
@@ -109,7 +110,9 @@ impl Tables {
         self.apply(&[HELD, MOVED, RESTORED].map(|set| Op::Remove { set, flow }))
     }
 
-    /// FE: drop the flow's packets while it is frozen.
+    /// FE: drop the flow's packets (the `held` set). The handoff holds a frozen
+    /// socket with a socket filter instead (`repair::hold`: a `setsockopt`, not a
+    /// transaction); the set stays for tools and for tables made by older batons.
     pub fn hold(&self, flow: Flow) -> io::Result<()> {
         self.apply(&[Op::Add {
             set: HELD,
@@ -124,18 +127,17 @@ impl Tables {
         self.apply(&[Op::Remove { set: HELD, flow }])
     }
 
-    /// FE: atomically swap the hold for a redirect of the flow to `be`.
+    /// FE: redirect the flow to `be`: one transaction with one element. (The FE holds
+    /// a frozen flow with a socket filter, `repair::hold`, so nothing of the hold is
+    /// left to swap out here.)
     pub fn redirect(&self, flow: Flow, be: Ipv4Addr) -> io::Result<()> {
         let _moved = self.lock_moved();
-        self.apply(&[
-            Op::Add {
-                set: MOVED,
-                flow,
-                data: Some(be),
-                ttl: self.flow_ttl,
-            },
-            Op::Remove { set: HELD, flow },
-        ])
+        self.apply(&[Op::Add {
+            set: MOVED,
+            flow,
+            data: Some(be),
+            ttl: self.flow_ttl,
+        }])
     }
 
     /// FE: the moved connection is gone (whichever BE it went to).

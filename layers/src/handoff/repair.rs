@@ -160,8 +160,25 @@ fn get_u32(fd: BorrowedFd<'_>, name: libc::c_int) -> io::Result<u32> {
     Ok(u32::from_ne_bytes(b))
 }
 
+/// The FE's hold: from now on every segment of the flow that reaches the socket is
+/// dropped, before TCP sees it — no ACK, no RST, nothing queued — by a classic BPF
+/// socket filter that accepts nothing (TCP runs a socket's filter before processing
+/// a segment). It replaces an nft `held` set element: one `setsockopt` on the socket
+/// instead of a netfilter transaction, and since the socket stays open until the
+/// redirect is committed, nothing of the flow ever reaches the FE's stack without
+/// a socket (which would draw an RST).
+pub fn hold(fd: BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_RET_K: u16 = 0x06; // BPF_RET | BPF_K: return the constant (0: drop)
+    SockRef::from(&fd).attach_filter(&[socket2::SockFilter::new(BPF_RET_K, 0, 0, 0)])
+}
+
+/// Ends [`hold`]: segments reach the socket again.
+pub fn release(fd: BorrowedFd<'_>) -> io::Result<()> {
+    SockRef::from(&fd).detach_filter()
+}
+
 /// Enters repair mode: the socket stops transmitting (it keeps receiving — the caller
-/// must already be dropping the flow's packets).
+/// must already be dropping the flow's packets, see [`hold`]).
 pub fn freeze(fd: BorrowedFd<'_>) -> io::Result<()> {
     set_u32(fd, TCP_REPAIR, 1)
 }
@@ -367,6 +384,81 @@ mod tests {
             rcv_wup: 5,
         };
         assert_eq!(RepairWindow::from_bytes(&w.to_bytes()), w);
+    }
+
+    /// A held socket receives nothing and acknowledges nothing; released, it gets
+    /// what the client sends next (TCP retransmits what was dropped).
+    #[test]
+    fn a_held_socket_drops_what_arrives_until_released() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        hold(server.as_fd()).unwrap();
+        client.write_all(b"dropped").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            ioctl_int(server.as_fd(), SIOCINQ).unwrap(),
+            0,
+            "nothing queued"
+        );
+        assert_eq!(
+            ioctl_int(client.as_fd(), SIOCOUTQ).unwrap(),
+            7,
+            "nothing acknowledged"
+        );
+        release(server.as_fd()).unwrap();
+        let mut got = [0u8; 7];
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        server.read_exact(&mut got).unwrap(); // the retransmission
+        assert_eq!(&got, b"dropped");
+    }
+
+    /// Micro-benchmark of the FE's per-handoff kernel work (hold and its release, the
+    /// redirect) as a socket filter and as nft transactions. Needs root and a scratch
+    /// network namespace, where it installs the handoff table on `lo`:
+    /// `ip netns add hb && ip netns exec hb ip link set lo up && ip netns exec hb
+    /// target/debug/deps/baton_layers-* hold_costs --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn hold_costs() {
+        use crate::handoff::{nft::Tables, tables, wire::Flow};
+        use std::time::{Duration, Instant};
+        tables::install("lo").unwrap();
+        let t = Tables::new(
+            tables::TABLE,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let flow = Flow {
+            client: "10.0.0.1:1".parse().unwrap(),
+            local: "10.0.0.2:2".parse().unwrap(),
+        };
+        let n = 2000u32;
+        let time = |what: &str, f: &mut dyn FnMut()| {
+            let start = Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            eprintln!("{what}: {:?} each", start.elapsed() / n);
+        };
+        time("socket filter hold + release", &mut || {
+            hold(server.as_fd()).unwrap();
+            release(server.as_fd()).unwrap();
+        });
+        time("nft hold + release (held set add, remove)", &mut || {
+            t.hold(flow).unwrap();
+            t.release(flow).unwrap();
+        });
+        time("nft redirect (one batch)", &mut || {
+            t.redirect(flow, "10.0.0.3".parse().unwrap()).unwrap()
+        });
+        t.forget_moved(flow).unwrap();
     }
 
     /// Freezes one side of a loopback connection, rebuilds it from the dump (after

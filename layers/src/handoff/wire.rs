@@ -14,7 +14,8 @@
 //! comparing two hosts' clocks more finely (a late "ready" is the FE's timeout's
 //! business, see `be`).
 //! Replies carry the nonce of the offer they answer, so a reply cannot be replayed into
-//! another handoff. The decoder never trusts a length it has not bounds-checked; the
+//! another handoff; the nonce is also how the concurrent handoffs sharing one control
+//! connection (see `control`) are told apart. The decoder never trusts a length it has not bounds-checked; the
 //! fuzz target in `layers/fuzz` feeds it arbitrary bytes.
 
 use super::repair::{RepairWindow, TcpState};
