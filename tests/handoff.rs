@@ -1287,6 +1287,7 @@ fn a_backend_deployed_as_in_the_manifests_takes_handoffs_behind_its_capture() {
     );
     // The moved connection was served by be1's handoff path, not its capture.
     assert_eq!(f.metric("be1", local_200), 1.0);
+}
 
 /// Clients on `n` connections at once (argv[3]), released together by a barrier:
 /// connection `i` asks for `/n/{i}` twice. Prints, per connection, its local port
@@ -1553,4 +1554,52 @@ fn concurrent_handoffs_on_one_control_connection_go_to_their_own_backend() {
         assert_eq!(f.metric(be, "baton_handoff_control_connections_total"), 1.0);
         assert_eq!(f.metric(be, "baton_handoff_aborted_total"), 0.0);
     }
+}
+
+#[test]
+fn a_backend_without_a_baton_is_not_tried_on_every_connection() {
+    // be1 runs only its app: every keep-alive connection fe takes is eligible, but
+    // after one refused control connection fe leaves be1's handoff port alone for a
+    // while (1 s, doubling) and proxies at once, without freezing anything.
+    let Some(mut f) = Fleet::new() else { return };
+    let be1 = f.bed.ip("be1");
+    f.start_fe(&[("BATON_STATIC_SERVICES", format!("objects={be1}:8080"))]);
+    // Count the SYNs reaching be1's handoff port.
+    f.bed.nft(
+        "be1",
+        "table inet probe {
+            chain input {
+                type filter hook input priority 0; policy accept;
+                tcp dport 15010 tcp flags & (syn | ack) == syn counter
+            }
+        }",
+    );
+    let connections = 20;
+    for i in 0..connections {
+        let got = f.script(json!([["send", get("/1k")], ["read"]]));
+        assert_eq!(got[0]["status"], 200, "connection {i}");
+        assert_eq!(got[0]["sha"], sha256(&content(1024)), "connection {i}");
+    }
+    assert_eq!(
+        f.metric(
+            "fe",
+            "baton_handoff_fallbacks_total{reason=\"unreachable\"}"
+        ),
+        f64::from(connections)
+    );
+    let ruleset = f
+        .bed
+        .must("be1", &["nft", "list", "table", "inet", "probe"]);
+    let syns: u32 = ruleset
+        .split("packets ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {ruleset}"));
+    // Tried at 0 s, then after 1, 3, 7, 15 s at most: far fewer than 20 connections.
+    assert!(
+        (1..=5).contains(&syns),
+        "{syns} SYNs for {connections} connections"
+    );
+    assert_eq!(f.metric("fe", "baton_handoff_control_opened_total"), 0.0);
 }

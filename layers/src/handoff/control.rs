@@ -8,6 +8,12 @@
 //! keepalive and a user timeout find a peer that vanished), and opens a new one on
 //! the next handoff after it failed.
 //!
+//! A peer that cannot be connected to (no baton runs there, or it is restarting) is
+//! not tried again for a while: 1 s after the first failure, doubling up to 30 s. In
+//! between, handoffs to it fall back at once (reason `unreachable`) without freezing
+//! the socket or sending a SYN, so an endpoint without a baton costs its keep-alive
+//! connections nothing. The FE gets the connection before it freezes anything.
+//!
 //! Multiplexing changes nothing about trust: every message on the connection is a
 //! complete authenticated frame (see [`super::wire`]) checked on its own — HMAC,
 //! freshness window and nonce cache — exactly as when each connection carried one
@@ -49,6 +55,11 @@ const KEEPALIVE_RETRIES: u32 = 3;
 const USER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most frames written in one `write` (concurrent handoffs' frames coalesce).
 const MAX_WRITE: usize = 64 * 1024;
+/// How long a peer that could not be connected to is left alone, after its first
+/// failure in a row (doubling with each one after).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The longest such wait.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(30);
 
 /// Reads frames from a byte stream. Unlike a sequence of `read_exact`s, waiting for
 /// the next frame can be cancelled (in a `select!`) without losing bytes: what
@@ -253,8 +264,27 @@ impl Drop for Pending {
 
 /// FE: the control connections, one per BE receiver (a slot per receiver, locked
 /// while a connection to it is being opened so concurrent handoffs share one).
-pub(super) type Controls =
-    Mutex<HashMap<SocketAddrV4, Arc<tokio::sync::Mutex<Option<Arc<Control>>>>>>;
+pub(super) type Controls = Mutex<HashMap<SocketAddrV4, Arc<tokio::sync::Mutex<Slot>>>>;
+
+/// One BE receiver's control connection, and how connecting to it went.
+#[derive(Debug, Default)]
+pub(super) struct Slot {
+    control: Option<Arc<Control>>,
+    /// Connects that failed in a row.
+    failures: u32,
+    /// Until then, do not try to connect (the last one failed).
+    retry_at: Option<std::time::Instant>,
+}
+
+impl Slot {
+    fn failed(&mut self) {
+        self.failures = self.failures.saturating_add(1);
+        let wait = RETRY_AFTER
+            .saturating_mul(1u32 << (self.failures - 1).min(16))
+            .min(RETRY_AFTER_MAX);
+        self.retry_at = Some(std::time::Instant::now() + wait);
+    }
+}
 
 impl Handoff {
     /// FE: the working control connection to `peer`, opened if there is none (the
@@ -271,10 +301,28 @@ impl Handoff {
             .or_default()
             .clone();
         let mut slot = slot.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| c.alive()) {
+        if let Some(c) = slot.control.as_ref().filter(|c| c.alive()) {
             return Ok(c.clone());
         }
-        let conn = TcpStream::connect(peer).await?;
+        if slot
+            .retry_at
+            .is_some_and(|at| std::time::Instant::now() < at)
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "backing off after failed connects",
+            ));
+        }
+        let conn = match TcpStream::connect(peer).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                slot.failed();
+                tracing::debug!(be = %peer, error = %e, failures = slot.failures, "cannot open a control connection");
+                return Err(e);
+            }
+        };
+        slot.failures = 0;
+        slot.retry_at = None;
         tune(&conn);
         self.metrics().control_opened.incr();
         tracing::debug!(be = %peer, "control connection opened");
@@ -289,7 +337,7 @@ impl Handoff {
         });
         tokio::spawn(write_frames(wr, rx, Some(dead)));
         tokio::spawn(self.clone().answers(FrameReader::new(rd), control.clone()));
-        *slot = Some(control.clone());
+        slot.control = Some(control.clone());
         Ok(control)
     }
 
@@ -332,7 +380,7 @@ impl Handoff {
         let mut controls = self.controls.lock().unwrap_or_else(|e| e.into_inner());
         let unused = controls.get(&be).is_some_and(|slot| {
             slot.try_lock()
-                .is_ok_and(|c| c.as_ref().is_none_or(|c| Arc::ptr_eq(c, &control)))
+                .is_ok_and(|s| s.control.as_ref().is_none_or(|c| Arc::ptr_eq(c, &control)))
         });
         if unused {
             controls.remove(&be);

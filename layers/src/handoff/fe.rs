@@ -451,6 +451,14 @@ impl Handoff {
         let m = self.metrics();
         let flow = t.0.flow;
         let tables = &self.cfg.tables;
+        // 0. the control connection to the BE, before anything is frozen: opening one
+        // (or finding its peer unreachable, or backing off from it) costs the socket
+        // nothing.
+        let control = match tokio::time::timeout(self.cfg.timeout, self.control_to(peer)).await {
+            Ok(Ok(control)) => control,
+            Ok(Err(_)) => return Err("unreachable"),
+            Err(_) => return Err("timeout"),
+        };
         let Some((owned, mut data)) = t.freeze_gate() else {
             return Err("socket");
         };
@@ -499,17 +507,19 @@ impl Handoff {
             data,
         }));
         let t_dump = started.elapsed();
-        // 3. offer on the control connection to the BE (opened if there is none), and
-        // wait (bounded) for "ready".
+        // 3. offer on the control connection to the BE, and wait (bounded) for "ready".
         let frame = wire::encode(&self.cfg.key, &offer);
-        let ready =
-            tokio::time::timeout(self.cfg.timeout, self.offer(peer, offer.nonce, frame)).await;
+        let ready = tokio::time::timeout(
+            self.cfg.timeout,
+            offer_on(&control, peer, offer.nonce, frame),
+        )
+        .await;
         let t_ready = started.elapsed();
-        let control = match ready {
-            Ok(Ok(control)) => control,
+        match ready {
+            Ok(Ok(())) => {}
             Ok(Err(reason)) => return thaw(reason),
             Err(_) => return thaw("timeout"),
-        };
+        }
         // Nothing may have reached the socket since the dump: it would not travel.
         if !matches!(repair::unchanged(fd, &tcp, unread.len()), Ok(true)) {
             return thaw("socket");
@@ -548,25 +558,24 @@ impl Handoff {
         );
         Ok(started)
     }
+}
 
-    /// Sends the offer `frame` (whose nonce is `nonce`) to `peer` on the control
-    /// connection to it, and waits for the answer: the connection when it is "ready".
-    async fn offer(
-        self: &Arc<Self>,
-        peer: SocketAddrV4,
-        nonce: [u8; 16],
-        frame: Vec<u8>,
-    ) -> Result<Arc<super::control::Control>, &'static str> {
-        let control = self.control_to(peer).await.map_err(|_| "unreachable")?;
-        // A connection that ended, or ends before the answer, fails only the handoffs
-        // waiting on it: this one falls back, the next opens a new connection.
-        let mut pending = control.offer(nonce, frame).ok_or("disconnected")?;
-        match pending.reply().await.ok_or("disconnected")? {
-            Reply::Ready => Ok(control),
-            Reply::Refused(why) => {
-                tracing::info!(be = %peer, reason = why.as_str(), "backend refused the handoff");
-                Err("refused")
-            }
+/// Sends the offer `frame` (whose nonce is `nonce`) on `control`, the connection to
+/// `peer`, and waits for the answer: `Ok` when it is "ready".
+async fn offer_on(
+    control: &Arc<super::control::Control>,
+    peer: SocketAddrV4,
+    nonce: [u8; 16],
+    frame: Vec<u8>,
+) -> Result<(), &'static str> {
+    // A connection that ended, or ends before the answer, fails only the handoffs
+    // waiting on it: this one falls back, the next opens a new connection.
+    let mut pending = control.offer(nonce, frame).ok_or("disconnected")?;
+    match pending.reply().await.ok_or("disconnected")? {
+        Reply::Ready => Ok(()),
+        Reply::Refused(why) => {
+            tracing::info!(be = %peer, reason = why.as_str(), "backend refused the handoff");
+            Err("refused")
         }
     }
 }
