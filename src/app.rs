@@ -160,8 +160,8 @@ async fn start_handoff(
         }
     };
     let existed = match tokio::task::spawn_blocking({
-        let interface = interface.clone();
-        move || tables::install(&interface)
+        let (interface, ttl) = (interface.clone(), settings.flow_ttl);
+        move || tables::install(&interface, ttl)
     })
     .await?
     {

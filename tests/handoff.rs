@@ -1603,3 +1603,60 @@ fn a_backend_without_a_baton_is_not_tried_on_every_connection() {
     );
     assert_eq!(f.metric("fe", "baton_handoff_control_opened_total"), 0.0);
 }
+
+#[test]
+fn a_new_connection_reusing_a_stale_moved_tuple_is_served_by_the_frontend() {
+    // Moved entries whose connections ended without fe hearing of it (a backend that
+    // crashed says no "closed"; the entries live until BATON_HANDOFF_FLOW_TTL), and a
+    // client that reuses those ports: the new connections' SYNs must not be forwarded
+    // to be1, which has nothing for them.
+    let Some(mut f) = Fleet::new() else { return };
+    f.start_be("be1", &[]);
+    let be1 = f.bed.ip("be1");
+    f.start_fe(&[("BATON_STATIC_SERVICES", format!("objects={be1}:8080"))]);
+    let (client, fe) = (f.bed.ip("client"), f.bed.ip("fe"));
+    for port in [40123, 40124] {
+        f.bed.must(
+            "fe",
+            &[
+                "nft",
+                &format!(
+                    "add element netdev baton moved {{ {client} . {port} . {fe} . 15006 timeout 1h : {be1} }}"
+                ),
+            ],
+        );
+    }
+    assert_eq!(f.elements("fe", "moved"), 2);
+    let curl = |port: &str, extra: &[&str]| {
+        let url = f.url("/256k");
+        let mut cmd = vec![
+            "curl",
+            "-s",
+            "--max-time",
+            "10",
+            "--local-port",
+            port,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+        ];
+        cmd.extend_from_slice(extra);
+        cmd.push(&url);
+        let out = f.bed.exec("client", &cmd);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Proxied by fe (it closes after one request): the whole exchange reached fe.
+    let (out, sent) = f.fe_sent(|| curl("40123", &["-H", "Connection: close"]));
+    assert_eq!(out, format!("200 {KIB256}"), "fe log:\n{}", f.log("fe"));
+    f.assert_crossed_fe(sent, KIB256, "a reused tuple, proxied");
+    assert_eq!(f.elements("fe", "fresh"), 1, "kept off the stale redirect");
+
+    // Keep-alive this time: the connection reaches fe, is handed off, and its new
+    // redirect replaces the fresh mark (which would otherwise keep it off).
+    let (out, sent) = f.fe_sent(|| curl("40124", &[]));
+    assert_eq!(out, format!("200 {KIB256}"), "fe log:\n{}", f.log("fe"));
+    assert_eq!(f.metric("fe", "baton_handoffs_total"), 1.0);
+    f.assert_skipped_fe(sent, KIB256, "a reused tuple, handed off");
+    assert_eq!(f.elements("fe", "fresh"), 1, "40124 left the fresh set");
+}

@@ -57,6 +57,9 @@ pub const HELD: &str = "held";
 pub const MOVED: &str = "moved";
 /// The BE's set of restored flows: their packets are marked for local delivery.
 pub const RESTORED: &str = "restored";
+/// FE: new connections that reused a moved flow's 4-tuple (filled by the packet path,
+/// see `tables::ruleset`); they skip the redirect.
+pub const FRESH: &str = "fresh";
 
 /// Flows per refresh batch.
 const REFRESH_CHUNK: usize = 256;
@@ -107,7 +110,7 @@ impl Tables {
             client: std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
             local: std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
         };
-        self.apply(&[HELD, MOVED, RESTORED].map(|set| Op::Remove { set, flow }))
+        self.apply(&[HELD, MOVED, RESTORED, FRESH].map(|set| Op::Remove { set, flow }))
     }
 
     /// FE: drop the flow's packets (the `held` set). The handoff holds a frozen
@@ -130,14 +133,20 @@ impl Tables {
     /// FE: redirect the flow to `be`: one transaction with one element. (The FE holds
     /// a frozen flow with a socket filter, `repair::hold`, so nothing of the hold is
     /// left to swap out here.)
+    ///
+    /// The flow leaves `fresh` in the same transaction: a connection that once reused
+    /// a stale moved tuple and is now handed off itself must not skip its redirect.
     pub fn redirect(&self, flow: Flow, be: Ipv4Addr) -> io::Result<()> {
         let _moved = self.lock_moved();
-        self.apply(&[Op::Add {
-            set: MOVED,
-            flow,
-            data: Some(be),
-            ttl: self.flow_ttl,
-        }])
+        self.apply(&[
+            Op::Remove { set: FRESH, flow },
+            Op::Add {
+                set: MOVED,
+                flow,
+                data: Some(be),
+                ttl: self.flow_ttl,
+            },
+        ])
     }
 
     /// FE: the moved connection is gone (whichever BE it went to).

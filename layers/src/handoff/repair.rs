@@ -426,7 +426,7 @@ mod tests {
     fn hold_costs() {
         use crate::handoff::{nft::Tables, tables, wire::Flow};
         use std::time::{Duration, Instant};
-        tables::install("lo").unwrap();
+        tables::install("lo", std::time::Duration::from_secs(60)).unwrap();
         let t = Tables::new(
             tables::TABLE,
             Duration::from_secs(5),

@@ -20,19 +20,32 @@ pub const MARK: u32 = 0x0001_0000;
 /// The policy routing table (and rule priority) delivering marked packets locally.
 pub const ROUTE_TABLE: u32 = 15010;
 
-/// The ruleset for `interface`, as an `nft -f` script.
-pub fn ruleset(interface: &str) -> String {
+/// The ruleset for `interface`, as an `nft -f` script. `fresh_ttl` bounds how long a
+/// new connection that reused a moved flow's 4-tuple is kept off the redirect (see
+/// below); it must be at least the moved entries' lifetime.
+///
+/// A SYN whose 4-tuple is in `moved` starts a new connection: the client is done with
+/// the moved one, whatever the map says (a backend that crashed never said "closed",
+/// and a busy client reuses its ports long before `BATON_HANDOFF_FLOW_TTL`). Its flow
+/// goes into the dynamic set `fresh`, and flows in `fresh` skip the redirect, so the
+/// new connection reaches this host's stack instead of a backend that has nothing for
+/// it. (The kernel cannot delete map elements from the packet path, hence a set.)
+pub fn ruleset(interface: &str, fresh_ttl: std::time::Duration) -> String {
     let key = "ipv4_addr . inet_service . ipv4_addr . inet_service";
     let flow = "ip saddr . tcp sport . ip daddr . tcp dport";
     let dev = interface.replace('"', "");
+    let fresh = fresh_ttl.as_secs().max(1);
     format!(
         "add table netdev {TABLE}
 add set netdev {TABLE} held {{ type {key} ; flags timeout ; }}
 add map netdev {TABLE} moved {{ type {key} : ipv4_addr ; flags timeout ; }}
 add set netdev {TABLE} restored {{ type {key} ; flags timeout ; }}
+add set netdev {TABLE} fresh {{ type {key} ; flags dynamic, timeout ; timeout {fresh}s ; }}
 add chain netdev {TABLE} ingress {{ type filter hook ingress device \"{dev}\" priority -150 ; policy accept ; }}
 flush chain netdev {TABLE} ingress
 add rule netdev {TABLE} ingress ip protocol tcp {flow} @held drop
+add rule netdev {TABLE} ingress ip protocol tcp tcp flags & (syn | ack) == syn {flow} @moved add @fresh {{ {flow} }}
+add rule netdev {TABLE} ingress ip protocol tcp {flow} @fresh accept
 add rule netdev {TABLE} ingress ip protocol tcp fwd ip to {flow} map @moved device \"{dev}\"
 add rule netdev {TABLE} ingress ip protocol tcp {flow} @restored meta mark set meta mark | {MARK:#x}
 "
@@ -72,10 +85,11 @@ pub fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Stri
 }
 
 /// Installs (or re-installs, keeping elements) the table on `interface` and the local
-/// delivery route. Returns whether the table existed already.
-pub fn install(interface: &str) -> Result<bool, String> {
+/// delivery route; `flow_ttl` is the moved entries' lifetime. Returns whether the
+/// table existed already.
+pub fn install(interface: &str, flow_ttl: std::time::Duration) -> Result<bool, String> {
     let existed = run("nft", &["list", "table", "netdev", TABLE], None).is_ok();
-    run("nft", &["-f", "-"], Some(&ruleset(interface)))?;
+    run("nft", &["-f", "-"], Some(&ruleset(interface, flow_ttl)))?;
     let mark = format!("{MARK:#x}/{MARK:#x}");
     let table = ROUTE_TABLE.to_string();
     let rules = run("ip", &["-4", "rule", "show", "pref", &table], None)?;
@@ -150,13 +164,20 @@ mod tests {
 
     #[test]
     fn the_ruleset_keys_every_set_by_the_full_four_tuple() {
-        let r = ruleset("eth0");
+        let r = ruleset("eth0", std::time::Duration::from_secs(3600));
         assert!(r.contains("device \"eth0\""));
         assert_eq!(
             r.matches("ipv4_addr . inet_service . ipv4_addr . inet_service")
                 .count(),
-            3
+            4
         );
+        // A SYN reusing a moved flow's tuple keeps its connection off the redirect,
+        // for as long as a moved entry can live.
+        let syn = r.find("== syn").unwrap();
+        let fresh = r.find("@fresh accept").unwrap();
+        let fwd = r.find("fwd ip to").unwrap();
+        assert!(syn < fresh && fresh < fwd, "{r}");
+        assert!(r.contains("timeout 3600s"), "{r}");
         assert!(
             r.contains("flush chain netdev baton ingress"),
             "rules are rewritten, elements kept"
