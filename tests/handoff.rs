@@ -309,7 +309,7 @@ http {{
     /// read, as JSON objects {status, by, len, sha}.
     fn script(&self, plan: serde_json::Value) -> Vec<serde_json::Value> {
         let script = self.dir.join("client.py");
-        std::fs::write(&script, CLIENT_PY).unwrap();
+        std::fs::write(&script, format!("{READ_RESPONSE_PY}{CLIENT_PY}")).unwrap();
         let out = self.bed.exec(
             "client",
             &[
@@ -401,17 +401,12 @@ http {{
     }
 }
 
-/// A client on one connection, scripted by a JSON plan of steps: ["send", text],
-/// ["sleep", seconds], ["read"] (one response, Content-Length framed), ["wait", path]
-/// (until the file exists: the test says when to go on), ["read_or_error"] (like read,
-/// but a failure is recorded as {error} and ends the plan). Prints the responses read
-/// as JSON.
-const CLIENT_PY: &str = r#"
-import hashlib, json, os, socket, sys, time
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
-buf = b""
-def read_response():
-    global buf
+/// The Python both scripted clients read responses with: `read_response(s, buf)`
+/// reads one Content-Length-framed response from socket `s` (bytes already read in
+/// `buf`) and returns ({status, by, len, sha}, what is left of `buf`).
+const READ_RESPONSE_PY: &str = r#"
+import hashlib
+def read_response(s, buf):
     while b"\r\n\r\n" not in buf:
         d = s.recv(65536)
         if not d:
@@ -420,15 +415,26 @@ def read_response():
     head, buf = buf.split(b"\r\n\r\n", 1)
     lines = head.decode().split("\r\n")
     h = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip() for l in lines[1:]}
-    n = int(h.get("content-length", "0"))
-    while len(buf) < n:
+    k = int(h.get("content-length", "0"))
+    while len(buf) < k:
         d = s.recv(1 << 20)
         if not d:
             raise EOFError("closed inside a response body")
         buf += d
-    body, buf = buf[:n], buf[n:]
+    body, buf = buf[:k], buf[k:]
     return {"status": int(lines[0].split()[1]), "by": h.get("x-served-by", ""),
-            "len": n, "sha": hashlib.sha256(body).hexdigest()}
+            "len": k, "sha": hashlib.sha256(body).hexdigest()}, buf
+"#;
+
+/// A client on one connection, scripted by a JSON plan of steps: ["send", text],
+/// ["sleep", seconds], ["read"] (one response, Content-Length framed), ["wait", path]
+/// (until the file exists: the test says when to go on), ["read_or_error"] (like read,
+/// but a failure is recorded as {error} and ends the plan). Prints the responses read
+/// as JSON.
+const CLIENT_PY: &str = r#"
+import json, os, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+buf = b""
 out = []
 for step in json.loads(sys.argv[3]):
     if step[0] == "send":
@@ -436,10 +442,12 @@ for step in json.loads(sys.argv[3]):
     elif step[0] == "sleep":
         time.sleep(step[1])
     elif step[0] == "read":
-        out.append(read_response())
+        r, buf = read_response(s, buf)
+        out.append(r)
     elif step[0] == "read_or_error":
         try:
-            out.append(read_response())
+            r, buf = read_response(s, buf)
+            out.append(r)
         except Exception as e:
             out.append({"error": repr(e)})
             break
@@ -1293,28 +1301,10 @@ fn a_backend_deployed_as_in_the_manifests_takes_handoffs_behind_its_capture() {
 /// connection `i` asks for `/n/{i}` twice. Prints, per connection, its local port
 /// and the responses ({status, by, len, sha}), or {error}.
 const CONCURRENT_PY: &str = r#"
-import hashlib, json, socket, sys, threading
+import json, socket, sys, threading
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 barrier = threading.Barrier(n)
 out = [None] * n
-def read_response(s, buf):
-    while b"\r\n\r\n" not in buf:
-        d = s.recv(65536)
-        if not d:
-            raise EOFError("closed inside a response head")
-        buf += d
-    head, buf = buf.split(b"\r\n\r\n", 1)
-    lines = head.decode().split("\r\n")
-    h = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip() for l in lines[1:]}
-    k = int(h.get("content-length", "0"))
-    while len(buf) < k:
-        d = s.recv(1 << 20)
-        if not d:
-            raise EOFError("closed inside a response body")
-        buf += d
-    body, buf = buf[:k], buf[k:]
-    return {"status": int(lines[0].split()[1]), "by": h.get("x-served-by", ""),
-            "len": k, "sha": hashlib.sha256(body).hexdigest()}, buf
 def run(i):
     try:
         s = socket.create_connection((host, port), timeout=30)
@@ -1490,7 +1480,7 @@ fn concurrent_handoffs_on_one_control_connection_go_to_their_own_backend() {
     f.start_be("be2", &[]);
     f.start_fe(&[("BATON_HANDOFF_TIMEOUT", "2s".into())]);
     let script = f.dir.join("concurrent.py");
-    std::fs::write(&script, CONCURRENT_PY).unwrap();
+    std::fs::write(&script, format!("{READ_RESPONSE_PY}{CONCURRENT_PY}")).unwrap();
     let out = f.bed.exec(
         "client",
         &[

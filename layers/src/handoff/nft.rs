@@ -397,7 +397,7 @@ fn with_socket<T>(f: impl FnOnce(&mut NfSocket) -> io::Result<T>) -> io::Result<
 
 /// The netlink attributes in `buf`: (type without flags, payload).
 fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut at = 0;
+    let mut at = 0usize;
     std::iter::from_fn(move || {
         let h = buf.get(at..at + 4)?;
         let len = usize::from(u16::from_ne_bytes([h[0], h[1]]));
@@ -528,27 +528,13 @@ impl NfSocket {
                 }
                 Err(e) => return Err(e),
             };
-            let mut at = 0;
-            while at + 16 <= n {
-                let len =
-                    u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
-                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-                if len < 16 || at + len > n {
-                    break;
-                }
-                if kind == NLMSG_ERROR && len >= 20 {
-                    let code = i32::from_ne_bytes([
-                        buf[at + 16],
-                        buf[at + 17],
-                        buf[at + 18],
-                        buf[at + 19],
-                    ]);
+            for m in messages(&buf[..n]) {
+                if let Some(code) = m.error_code() {
                     acked += 1;
                     if code != 0 && first_error.is_none() {
                         first_error = Some(io::Error::from_raw_os_error(-code));
                     }
                 }
-                at += (len + 3) & !3;
             }
         }
         first_error.map_or(Ok(()), Err)
@@ -571,25 +557,10 @@ impl NfSocket {
                 }
                 Err(e) => return Err(e),
             };
-            let mut at = 0;
-            while at + 16 <= n {
-                let len =
-                    u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
-                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-                let seq =
-                    u32::from_ne_bytes([buf[at + 8], buf[at + 9], buf[at + 10], buf[at + 11]]);
-                if len < 16 || at + len > n {
-                    break;
-                }
-                let slot = (seq as usize).checked_sub(1).filter(|&i| i < expect);
+            for m in messages(&buf[..n]) {
+                let slot = (m.seq as usize).checked_sub(1).filter(|&i| i < expect);
                 if let Some(i) = slot {
-                    if kind == NLMSG_ERROR && len >= 20 {
-                        let code = i32::from_ne_bytes([
-                            buf[at + 16],
-                            buf[at + 17],
-                            buf[at + 18],
-                            buf[at + 19],
-                        ]);
+                    if let Some(code) = m.error_code() {
                         if answers[i].is_none() {
                             acked += 1;
                         }
@@ -599,11 +570,10 @@ impl NfSocket {
                             (0, None) => Answer::Error(libc::EIO),
                             (code, _) => Answer::Error(-code),
                         });
-                    } else if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM {
-                        data[i] = Some(buf[at + 16..at + len].to_vec());
+                    } else if m.kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM {
+                        data[i] = Some(m.payload.to_vec());
                     }
                 }
-                at += (len + 3) & !3;
             }
         }
         Ok(answers
@@ -611,6 +581,41 @@ impl NfSocket {
             .map(|a| a.unwrap_or(Answer::Error(libc::EIO)))
             .collect())
     }
+}
+
+/// One netlink message of a datagram the kernel sent.
+struct NlMsg<'a> {
+    kind: u16,
+    seq: u32,
+    /// What follows the 16-byte header.
+    payload: &'a [u8],
+}
+
+impl NlMsg<'_> {
+    /// An `NLMSG_ERROR`'s code (0: an acknowledgement).
+    fn error_code(&self) -> Option<i32> {
+        if self.kind != NLMSG_ERROR {
+            return None;
+        }
+        let code = self.payload.get(..4)?;
+        Some(i32::from_ne_bytes([code[0], code[1], code[2], code[3]]))
+    }
+}
+
+/// The netlink messages in `buf`, up to the first malformed header.
+fn messages(buf: &[u8]) -> impl Iterator<Item = NlMsg<'_>> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let h = buf.get(at..at.checked_add(16)?)?;
+        let len = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let kind = u16::from_ne_bytes([h[4], h[5]]);
+        let seq = u32::from_ne_bytes([h[8], h[9], h[10], h[11]]);
+        let payload = buf
+            .get(at + 16..at.checked_add(len)?)
+            .filter(|_| len >= 16)?;
+        at += (len + 3) & !3;
+        Some(NlMsg { kind, seq, payload })
+    })
 }
 
 /// The kernel's answer to one lookup.
