@@ -481,15 +481,15 @@ async fn silent_client_is_closed_after_the_detect_timeout() {
     let baton = Baton::start(&[
         ("BATON_ROUTES", "*=web"),
         ("BATON_STATIC_SERVICES", "web="),
-        ("BATON_DETECT_TIMEOUT", "300ms"),
+        ("BATON_DETECT_TIMEOUT", "1s"),
     ])
     .await;
     let mut s = TcpStream::connect(baton.addr).await.unwrap();
     let mut buf = [0u8; 16];
-    // Generous bound: the point is that baton closes it, not how fast.
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+    // Half the default (10 s): closed within it, baton honoured BATON_DETECT_TIMEOUT.
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
         .await
-        .expect("baton must close a silent client")
+        .expect("baton must close a silent client after BATON_DETECT_TIMEOUT")
         .unwrap_or(0);
     assert_eq!(n, 0, "closed without a response");
     let m = baton.metrics().await;
@@ -654,6 +654,51 @@ async fn cookies_split_by_an_http2_client_reach_an_http1_upstream_as_one_line() 
     let headers = String::from_utf8(body.to_vec()).unwrap();
     assert!(headers.contains("cookie: a=1; b=2\n"), "{headers}");
     assert_eq!(headers.matches("cookie:").count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_resetting_mid_request_is_502_upstream_failed() {
+    // Reads the request head, then resets the connection (RST, not FIN).
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let (reset_tx, mut reset_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
+            let _ = reset_tx.send(());
+        }
+    });
+    let baton = Baton::start(&[
+        ("BATON_ROUTES", "*=web"),
+        ("BATON_STATIC_SERVICES", &format!("web={up}")),
+        ("BATON_RETRIES", "0"),
+    ])
+    .await;
+    let (status, headers, body) = get(baton.addr, "/reset").await;
+    assert!(
+        reset_rx.recv().await.is_some(),
+        "the upstream reset the request"
+    );
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(headers["x-baton-error"], "upstream-failed");
+    assert_eq!(body, "service web failed before completing its response\n");
+    let m = baton.metrics().await;
+    assert_eq!(
+        metric(&m, "baton_requests_total{service=\"web\",status=\"502\"}"),
+        1.0
+    );
 }
 
 /// An HTTP/2 upstream that answers `per_conn` requests on each connection and then
