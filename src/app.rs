@@ -24,12 +24,15 @@ use baton_layers::{
 };
 use std::sync::{atomic::Ordering, Arc};
 use tokio::{
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
     sync::{watch, Notify},
 };
 
 /// Runs the sidecar until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // First: a signal from now on is kept for the loop at the end of startup (SIGHUP is
+    // a reload, SIGTERM/SIGINT a drain once startup is done), never the default action.
+    let mut signals = Signals::install()?;
     tracing::info!(config = %config.to_json(), "starting baton {}", env!("CARGO_PKG_VERSION"));
     let metrics = Metrics::new();
     let registry = Registry::new();
@@ -101,7 +104,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         leave.register(registrar).await;
     }
 
-    let signal = shutdown_signal(reload).await?;
+    let signal = signals.wait(&reload).await;
     tracing::info!(signal, grace = ?config.shutdown_grace, "shutting down: no longer ready, draining connections");
     // Leave Consul first (unless POST /drain already did), so peers stop choosing this
     // instance while it still serves what they send; a check on /ready would notice
@@ -326,18 +329,37 @@ fn registrar(
     )?)
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP asks discovery to reload its file.
-async fn shutdown_signal(reload: Arc<Notify>) -> anyhow::Result<&'static str> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok("SIGTERM"),
-            _ = int.recv() => return Ok("SIGINT"),
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the static service file");
-                reload.notify_one();
+/// The signal streams of the process, installed first thing in startup.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers, then lets the signals held since `main` started through
+    /// (see `sys::hold_control_signals`): one that arrived meanwhile is seen by
+    /// [`Signals::wait`].
+    fn install() -> anyhow::Result<Self> {
+        let signals = Self {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+        };
+        baton_layers::sys::release_control_signals().context("cannot unblock signals")?;
+        Ok(signals)
+    }
+
+    /// Waits for SIGTERM or SIGINT; SIGHUP asks discovery to reload its file.
+    async fn wait(&mut self, reload: &Notify) -> &'static str {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the static service file");
+                    reload.notify_one();
+                }
             }
         }
     }

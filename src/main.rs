@@ -30,6 +30,20 @@ const USAGE: &str = "usage: baton [demo | init [--dry-run | --cleanup] | version
   baton version  print the version
 ";
 
+/// Holds SIGTERM, SIGINT and SIGHUP from the very start of the process, before `main`
+/// and before any thread exists (threads inherit the mask): one that arrives during the
+/// sidecar's startup stays pending until app::run has installed its handlers, instead of
+/// killing the process. `init` releases them at once and runs with the default actions.
+#[used]
+#[link_section = ".init_array"]
+static HOLD_SIGNALS_AT_START: extern "C" fn() = hold_signals_at_start;
+
+extern "C" fn hold_signals_at_start() {
+    if let Err(e) = baton_layers::sys::hold_control_signals() {
+        eprintln!("baton: cannot hold signals during startup: {e}");
+    }
+}
+
 fn main() -> ExitCode {
     // Before any thread exists (capabilities are per thread): a non-root baton holding
     // CAP_NET_ADMIN as a file capability passes it on to the `nft` and `ip` it runs.
@@ -52,9 +66,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        ["init"] => init::main(&Env, init::Action::Install),
-        ["init", "--dry-run"] => init::main(&Env, init::Action::DryRun),
-        ["init", "--cleanup"] => init::main(&Env, init::Action::Cleanup),
+        ["init", ..] => {
+            if let Err(e) = baton_layers::sys::release_control_signals() {
+                eprintln!("baton: cannot unblock signals: {e}");
+            }
+            match args[1..].iter().map(String::as_str).collect::<Vec<_>>()[..] {
+                [] => init::main(&Env, init::Action::Install),
+                ["--dry-run"] => init::main(&Env, init::Action::DryRun),
+                ["--cleanup"] => init::main(&Env, init::Action::Cleanup),
+                _ => {
+                    eprint!("baton: unknown arguments {args:?}\n{USAGE}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         ["version" | "--version" | "-V"] => {
             println!("baton {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -2,8 +2,9 @@
 //!
 //! The connection level of the stack: the open-connections gauge, a span naming the
 //! client and original destination, detection with its timeout, and — for HTTP/1 — a
-//! check of the first request head (a malformed one is answered `400` with a body and
-//! closed; one over `BATON_MAX_HEADER_BYTES` is answered `431`). Every request then
+//! check of the first request head and of each head that wakes a parked connection (a
+//! malformed one is answered `400` with a body and closed; one over
+//! `BATON_MAX_HEADER_BYTES` or [`MAX_HEADERS`] is answered `431`). Every request then
 //! carries the connection's [`ClientInfo`] into the request stack.
 //!
 //! Idle HTTP/1 keep-alive connections are parked without buffers (see [`http1`]).
@@ -32,7 +33,7 @@ use baton_layers::{
         Handoff,
     },
     io::PrefixedIo,
-    metrics::Metrics,
+    metrics::{Counter, Metrics},
     new_service::NewService,
     proxy::tcp::{self, ForwardMetrics, OpaqueRequest},
     route::RouteTarget,
@@ -88,6 +89,7 @@ impl Server {
             max_header_bytes: cfg.max_header_bytes,
             park_after: cfg.idle_park,
             parks: metrics.global().idle_parks.clone(),
+            bad_requests: metrics.global().bad_requests.clone(),
         };
         Self {
             cfg,
@@ -146,13 +148,15 @@ impl Server {
                 g.connections_http1.incr();
                 // The first request is answered even when a drain begins meanwhile
                 // (the header read timeout bounds it); the connection closes after it.
-                let checked = self.check_first_head(&mut stream, &mut buf).await;
-                if let Err(reject) = checked {
-                    g.bad_requests.incr();
-                    tracing::info!(status = reject.status, reason = %reject.reason, "rejecting malformed request");
-                    let _ = stream.write_all(reject.response().as_bytes()).await;
-                    let _ = stream.shutdown().await;
-                    return Ok(());
+                let limit = self.cfg.max_header_bytes;
+                let timeout = self.cfg.header_read_timeout;
+                match read_head(&mut stream, &mut buf, limit, timeout).await {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(()),
+                    Err(r) => {
+                        reject(&mut stream, &r, &g.bad_requests).await;
+                        return Ok(());
+                    }
                 }
                 let read = buf.freeze();
                 // A connection whose first request may be handed off (see handoff::fe).
@@ -239,39 +243,76 @@ impl Server {
         tracing::debug!(service = %logical.service, to_upstream = up, to_client = down, "opaque connection done");
         Ok(())
     }
+}
 
-    /// Reads the first HTTP/1 request head completely and checks it parses.
-    async fn check_first_head(
-        &self,
-        stream: &mut TcpStream,
-        buf: &mut BytesMut,
-    ) -> Result<(), Reject> {
-        let limit = self.cfg.max_header_bytes;
-        let read = async {
-            while !parse_head(buf, limit)? {
-                buf.reserve(4096);
-                match tokio::io::AsyncReadExt::read_buf(stream, buf).await {
-                    Ok(0) | Err(_) => {
-                        return Err(Reject::new(
-                            400,
-                            "connection closed inside the request head",
-                        ))
-                    }
-                    Ok(_) => {}
-                }
-            }
-            Ok(())
-        };
-        tokio::time::timeout(self.cfg.header_read_timeout, read)
-            .await
-            .unwrap_or_else(|_| Err(Reject::new(408, "request head not received in time")))
+/// The drain signal as a stream that yields once shutdown has begun — at once if it
+/// already has (a connection taken from the listen backlog after the signal).
+fn drain_signal(drain: watch::Receiver<bool>) -> tokio_stream::wrappers::WatchStream<bool> {
+    if *drain.borrow() {
+        tokio_stream::wrappers::WatchStream::new(drain)
+    } else {
+        tokio_stream::wrappers::WatchStream::from_changes(drain)
     }
+}
+
+/// The most request headers baton accepts, in its own check of a request head and in
+/// hyper's parser alike, so both answer the same request the same way (`431` beyond).
+/// hyper keeps up to 100 header slots on the stack and allocates for more, on every
+/// request: 100 keeps its parser allocation-free.
+pub(super) const MAX_HEADERS: usize = 100;
+
+/// Reads one HTTP/1 request head completely into `buf` (after what `buf` already
+/// holds) and checks it parses, within `timeout`. Used for a connection's first
+/// request and for the first request after a park, while baton holds the bare socket.
+///
+/// `Ok(false)`: the client closed the connection before sending anything (an idle
+/// keep-alive connection ending), which is no malformed request.
+pub(super) async fn read_head<I>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    limit: usize,
+    timeout: Duration,
+) -> Result<bool, Reject>
+where
+    I: tokio::io::AsyncRead + Unpin,
+{
+    let read = async {
+        while buf.is_empty() || !parse_head(buf, limit)? {
+            buf.reserve(4096);
+            match tokio::io::AsyncReadExt::read_buf(io, buf).await {
+                Ok(0) | Err(_) if buf.is_empty() => return Ok(false),
+                Ok(0) | Err(_) => {
+                    return Err(Reject::new(
+                        400,
+                        "connection closed inside the request head",
+                    ))
+                }
+                Ok(_) => {}
+            }
+        }
+        Ok(true)
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or_else(|_| Err(Reject::new(408, "request head not received in time")))
+}
+
+/// Answers a request head baton refused (see [`read_head`]): counts it, logs it (the
+/// connection's span names the client), writes the response and closes.
+pub(super) async fn reject<I>(io: &mut I, reject: &Reject, bad_requests: &Counter)
+where
+    I: tokio::io::AsyncWrite + Unpin,
+{
+    bad_requests.incr();
+    tracing::info!(status = reject.status, reason = %reject.reason, "rejecting malformed request");
+    let _ = io.write_all(reject.response().as_bytes()).await;
+    let _ = io.shutdown().await;
 }
 
 /// Whether `buf` holds a complete, valid request head. A plain function so that the
 /// parser's header array lives on the stack, not in every connection's task.
 fn parse_head(buf: &[u8], limit: usize) -> Result<bool, Reject> {
-    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     match httparse::Request::new(&mut headers).parse(buf) {
         Ok(httparse::Status::Complete(_)) => Ok(true),
         Ok(httparse::Status::Partial) if buf.len() >= limit => {
@@ -284,7 +325,7 @@ fn parse_head(buf: &[u8], limit: usize) -> Result<bool, Reject> {
 }
 
 /// A request refused before the HTTP server takes the connection.
-struct Reject {
+pub(super) struct Reject {
     status: u16,
     reason: String,
 }

@@ -221,14 +221,32 @@ async fn a_parked_connection_closes_at_shutdown_and_an_unparsed_first_request_is
     assert!(read_response(&mut parked, &mut buf, Duration::from_secs(5))
         .await
         .is_some());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(metric(&baton.metrics().await, "baton_idle_parks_total") >= 1.0);
+    wait_metric(&baton, "baton_idle_parks_total", 1.0).await;
+    // A connection whose first request has begun, but not ended, when the drain does.
+    let mut fresh = TcpStream::connect(baton.addr).await.unwrap();
+    fresh.write_all(b"GET /b HTTP/1.1\r\nHo").await.unwrap();
     baton.signal("TERM");
     let mut rest = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(5), parked.read_to_end(&mut rest))
         .await
         .expect("closed");
     assert_eq!(n.unwrap_or(0), 0, "a parked connection just closes");
+    // Draining (no longer ready) before the rest of the head arrives.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while get(baton.admin, "/ready").await.0 != http::StatusCode::SERVICE_UNAVAILABLE {
+        assert!(std::time::Instant::now() < deadline, "never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fresh.write_all(b"st: web\r\n\r\n").await.unwrap();
+    let answer = read_all(&mut fresh).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "answered, then closed: {answer}"
+    );
+    assert!(answer.ends_with("\r\n\r\n/b"), "{answer}");
     let exit = tokio::task::spawn_blocking(move || baton.wait_exit(Duration::from_secs(10)))
         .await
         .unwrap();
@@ -307,4 +325,128 @@ async fn upgrades_become_tunnels_and_connect_is_refused() {
     let mut buf = Vec::new();
     let got = read_response(&mut c, &mut buf, Duration::from_secs(5)).await;
     assert_eq!(got.as_deref(), Some("CONNECT is not supported\n"));
+}
+
+/// Waits (up to 10 s) until baton's metric `series` reaches `at_least`.
+async fn wait_metric(baton: &Baton, series: &str, at_least: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(&baton.metrics().await, series) < at_least {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} never reached {at_least}; log:\n{}",
+            baton.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (up to 10 s) until baton has logged a line containing every one of `parts`.
+async fn wait_log_line(baton: &Baton, parts: &[&str]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = baton.log();
+        if log.lines().any(|l| parts.iter().all(|p| l.contains(p))) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no log line with {parts:?}; log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads until baton closes the connection (panics after 5 s).
+async fn read_all(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("baton closes the connection");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+const MALFORMED: &[u8] = b"GET /bad HTTP/1.1\r\nHost: web\r\nthis line has no colon\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_second_request_after_a_park_gets_batons_400() {
+    let (up, seen) = raw_upstream().await;
+    let baton = baton(up, "50ms").await;
+    let mut s = TcpStream::connect(baton.addr).await.unwrap();
+    let client = s.local_addr().unwrap().to_string();
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let first = read_response(&mut s, &mut buf, Duration::from_secs(5)).await;
+    assert_eq!(first.as_deref(), Some("/a"));
+    // The keep-alive connection parks; its next head is checked by baton.
+    wait_metric(&baton, "baton_idle_parks_total", 1.0).await;
+    s.write_all(MALFORMED).await.unwrap();
+    let text = read_all(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+    assert!(
+        text.contains("\r\nx-baton-error: bad-request\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("\r\n\r\nmalformed request: invalid header name\n"),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&baton.metrics().await, "baton_bad_requests_total"),
+        1.0
+    );
+    wait_log_line(&baton, &["rejecting malformed request", &client]).await;
+    assert_eq!(*seen.lock().unwrap(), ["GET /a HTTP/1.1"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_second_request_on_a_live_connection_is_counted_and_logged() {
+    let (up, seen) = raw_upstream().await;
+    // Never parked during the test: hyper reads the second head itself.
+    let baton = baton(up, "30s").await;
+    let mut s = TcpStream::connect(baton.addr).await.unwrap();
+    let client = s.local_addr().unwrap().to_string();
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let first = read_response(&mut s, &mut buf, Duration::from_secs(5)).await;
+    assert_eq!(first.as_deref(), Some("/a"));
+    s.write_all(MALFORMED).await.unwrap();
+    let text = read_all(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+    wait_metric(&baton, "baton_bad_requests_total", 1.0).await;
+    wait_log_line(
+        &baton,
+        &["malformed request rejected by the HTTP server", &client],
+    )
+    .await;
+    assert_eq!(*seen.lock().unwrap(), ["GET /a HTTP/1.1"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn baton_and_hyper_agree_on_the_header_count_limit() {
+    let (up, seen) = raw_upstream().await;
+    let baton = baton(up, "30s").await;
+    let head = |n: usize| {
+        let mut h = String::from("GET /many HTTP/1.1\r\nHost: web\r\n");
+        for i in 1..n {
+            h.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        h + "\r\n"
+    };
+    // At the limit (100 headers, Host included): answered.
+    let mut s = TcpStream::connect(baton.addr).await.unwrap();
+    s.write_all(head(100).as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let got = read_response(&mut s, &mut buf, Duration::from_secs(5)).await;
+    assert_eq!(got.as_deref(), Some("/many"));
+    // One more, as a connection's first request: baton's 431.
+    let mut s = TcpStream::connect(baton.addr).await.unwrap();
+    s.write_all(head(101).as_bytes()).await.unwrap();
+    let text = read_all(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
+    assert!(text.ends_with("too many request headers\n"), "{text}");
+    assert_eq!(*seen.lock().unwrap(), ["GET /many HTTP/1.1"]);
 }

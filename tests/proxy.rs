@@ -6,7 +6,13 @@ mod support;
 use bytes::Bytes;
 use http::{Request, StatusCode, Version};
 use http_body_util::Full;
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -559,15 +565,15 @@ async fn silent_client_is_closed_after_the_detect_timeout() {
     let baton = Baton::start(&[
         ("BATON_ROUTES", "*=web"),
         ("BATON_STATIC_SERVICES", "web="),
-        ("BATON_DETECT_TIMEOUT", "300ms"),
+        ("BATON_DETECT_TIMEOUT", "1s"),
     ])
     .await;
     let mut s = TcpStream::connect(baton.addr).await.unwrap();
     let mut buf = [0u8; 16];
-    // Generous bound: the point is that baton closes it, not how fast.
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+    // Half the default (10 s): closed within it, baton honoured BATON_DETECT_TIMEOUT.
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
         .await
-        .expect("baton must close a silent client")
+        .expect("baton must close a silent client after BATON_DETECT_TIMEOUT")
         .unwrap_or(0);
     assert_eq!(n, 0, "closed without a response");
     let m = baton.metrics().await;
@@ -732,4 +738,143 @@ async fn cookies_split_by_an_http2_client_reach_an_http1_upstream_as_one_line() 
     let headers = String::from_utf8(body.to_vec()).unwrap();
     assert!(headers.contains("cookie: a=1; b=2\n"), "{headers}");
     assert_eq!(headers.matches("cookie:").count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_resetting_mid_request_is_502_upstream_failed() {
+    // Reads the request head, then resets the connection (RST, not FIN).
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let (reset_tx, mut reset_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
+            let _ = reset_tx.send(());
+        }
+    });
+    let baton = Baton::start(&[
+        ("BATON_ROUTES", "*=web"),
+        ("BATON_STATIC_SERVICES", &format!("web={up}")),
+        ("BATON_RETRIES", "0"),
+    ])
+    .await;
+    let (status, headers, body) = get(baton.addr, "/reset").await;
+    assert!(
+        reset_rx.recv().await.is_some(),
+        "the upstream reset the request"
+    );
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(headers["x-baton-error"], "upstream-failed");
+    assert_eq!(body, "service web failed before completing its response\n");
+    let m = baton.metrics().await;
+    assert_eq!(
+        metric(&m, "baton_requests_total{service=\"web\",status=\"502\"}"),
+        1.0
+    );
+}
+
+/// An HTTP/2 upstream that answers `per_conn` requests on each connection and then
+/// closes it gracefully (GOAWAY), as a server recycling connections or restarting does.
+/// Returns its address and the number of connections it accepted.
+async fn recycling_h2_upstream(per_conn: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = l.accept().await else {
+                return;
+            };
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let served = Arc::new(AtomicUsize::new(0));
+                let enough = Arc::new(tokio::sync::Notify::new());
+                let (s, e) = (served.clone(), enough.clone());
+                let svc = hyper::service::service_fn(move |_req| {
+                    if s.fetch_add(1, Ordering::SeqCst) + 1 == per_conn {
+                        e.notify_one();
+                    }
+                    async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = enough.notified() => conn.as_mut().graceful_shutdown(),
+                }
+                let _ = conn.await;
+            });
+        }
+    });
+    (addr, conns)
+}
+
+// Reproduces what is left of the HTTP/2 retry gap (see layers/src/proxy/http.rs): baton
+// resends requests hyper hands back unsent, which took the 502s of this run from about
+// 40 to a few, but a stream h2 has already queued when the GOAWAY arrives is written
+// after h2 acknowledges the server's PING, lands above the final GOAWAY's last stream id
+// and fails without its request (hyper consumed it). Passing needs a replayable copy of
+// such requests.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "known gap: streams refused above a GOAWAY's last stream id are not resent"]
+async fn requests_turned_away_by_a_recycling_http2_upstream_are_resent() {
+    let (up, conns) = recycling_h2_upstream(5).await;
+    let baton = Baton::start(&[
+        ("BATON_ROUTES", "*=grpc"),
+        ("BATON_STATIC_SERVICES", &format!("grpc={up}")),
+        ("BATON_UPSTREAM_PROTOCOL", "http2"),
+        // Only the HTTP/2 client's own resend may save a request.
+        ("BATON_RETRIES", "0"),
+    ])
+    .await;
+    let addr = baton.addr;
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            tokio::spawn(async move {
+                let client = http1_client();
+                let mut failed = Vec::new();
+                for i in 0..50 {
+                    let method = if i % 2 == 0 { "GET" } else { "POST" };
+                    let req = Request::builder()
+                        .method(method)
+                        .uri(format!("http://{addr}/{c}/{i}"))
+                        .body(Full::new(Bytes::from_static(b"payload")))
+                        .unwrap();
+                    match send(&client, req).await {
+                        Ok((StatusCode::OK, _, _)) => {}
+                        other => failed.push(format!("{method} /{c}/{i}: {other:?}")),
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for c in clients {
+        failed.extend(c.await.unwrap());
+    }
+    assert!(failed.is_empty(), "{failed:#?}\n{}", baton.log());
+    assert!(
+        conns.load(Ordering::SeqCst) >= 200 / 5,
+        "the upstream recycled its connections"
+    );
 }

@@ -206,3 +206,39 @@ pub fn inherit_net_admin() -> io::Result<bool> {
     }
     Ok(true)
 }
+
+/// The signals that stop (SIGTERM, SIGINT) or reload (SIGHUP) the sidecar.
+const CONTROL_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// Holds SIGTERM, SIGINT and SIGHUP pending in the calling thread and in every thread it
+/// starts from now on, instead of letting them kill the process, until
+/// [`release_control_signals`] (called once their handlers are installed). Call it
+/// before any thread starts. Child processes start with an empty mask (std's `Command`
+/// resets it).
+pub fn hold_control_signals() -> io::Result<()> {
+    control_signal_mask(libc::SIG_BLOCK)
+}
+
+/// Lets the signals [`hold_control_signals`] held reach the calling thread again; any
+/// that arrived meanwhile are delivered now.
+pub fn release_control_signals() -> io::Result<()> {
+    control_signal_mask(libc::SIG_UNBLOCK)
+}
+
+fn control_signal_mask(how: libc::c_int) -> io::Result<()> {
+    // SAFETY: `set` is a sigset_t owned here, initialised by sigemptyset before
+    // sigaddset and pthread_sigmask read it; pthread_sigmask accepts a null old set.
+    let rc = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in CONTROL_SIGNALS {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut())
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}

@@ -59,3 +59,42 @@ where
         self.inner.call(req).instrument(span.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        convert::Infallible,
+        sync::{Arc, Mutex},
+    };
+    use tower::ServiceExt;
+
+    /// The name of the span the caller runs in, if any.
+    fn current() -> Option<&'static str> {
+        Span::current().metadata().map(|m| m.name())
+    }
+
+    #[tokio::test]
+    async fn the_inner_call_and_its_future_run_inside_the_span() {
+        // A registry tracks the current span (the default no-op subscriber does not).
+        let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let inner = tower::service_fn(move |()| {
+            record.lock().unwrap().push(("call", current()));
+            let record = record.clone();
+            async move {
+                tokio::task::yield_now().await;
+                record.lock().unwrap().push(("future", current()));
+                Ok::<_, Infallible>(())
+            }
+        });
+        let svc = TraceLayer::new(|| tracing::info_span!("endpoint")).layer(inner);
+        svc.oneshot(()).await.unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [("call", Some("endpoint")), ("future", Some("endpoint"))]
+        );
+        assert_eq!(current(), None, "the span is left after the call");
+    }
+}

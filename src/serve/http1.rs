@@ -10,7 +10,11 @@
 //! any bytes hyper had read ahead. Then it waits for readability with no buffers at
 //! all; the next request gets a fresh hyper connection, fed first with the read-ahead
 //! bytes. hyper does all HTTP framing, so nothing is cut or misread: a connection that
-//! turns out to be busy when asked just finishes its exchange first.
+//! turns out to be busy when asked just finishes its exchange first. The head that
+//! wakes a parked connection is read and checked by baton before hyper sees it, as a
+//! connection's first is, so a malformed one gets baton's `400` (or `431`) with its
+//! one-line body; one that hyper itself rejects on a live connection is counted and
+//! logged.
 //!
 //! It also carries upgrades: after a 101, hyper hands the socket back the same way and
 //! baton joins it to the endpoint's upgraded connection (a WebSocket tunnel).
@@ -23,6 +27,7 @@
 use super::conn::{ConnService, ConnState};
 use crate::stack::HttpStack;
 use baton_layers::{handoff::fe::TakeoverIo, io::PrefixedIo, metrics::Counter, Error};
+use bytes::BytesMut;
 use futures_util::StreamExt;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -47,6 +52,8 @@ pub(super) struct Http1Config {
     pub(super) park_after: Duration,
     /// Counts parks.
     pub(super) parks: Counter,
+    /// Counts malformed requests.
+    pub(super) bad_requests: Counter,
 }
 
 /// Why baton asked hyper to finish.
@@ -67,7 +74,12 @@ pub(super) async fn serve(
     mut drain: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     loop {
-        let (parts, asked) = run(io, svc.clone(), state.clone(), cfg, drain.clone()).await?;
+        let ran = run(io, svc.clone(), state.clone(), cfg, drain.clone()).await;
+        let (parts, asked) = match ran {
+            Ok(ended) => ended,
+            Err(e) if rejected_by_hyper(&e, &cfg.bad_requests) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
         if let Some(upstream) = state.take_upgrade() {
             // A 101 went out: the connection is now a tunnel to the endpoint.
             let (rest, stream) = parts.io.into_inner().into_parts();
@@ -89,6 +101,7 @@ pub(super) async fn serve(
         } else {
             parts.read_buf
         };
+        let mut stream = stream;
         if prefix.is_empty() {
             // Parked: no hyper state, no buffers; only the socket's readiness.
             cfg.parks.incr();
@@ -99,8 +112,33 @@ pub(super) async fn serve(
                 _ = drain.changed() => return Ok(()),
             }
         }
-        io = PrefixedIo::new(prefix, stream);
+        // At a message boundary with the bare socket: the next head gets the same
+        // check as a connection's first (a malformed one is answered by baton).
+        let mut head = BytesMut::from(prefix);
+        let (limit, timeout) = (cfg.max_header_bytes, cfg.header_read_timeout);
+        match super::read_head(&mut stream, &mut head, limit, timeout).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(r) => {
+                super::reject(&mut stream, &r, &cfg.bad_requests).await;
+                return Ok(());
+            }
+        }
+        io = PrefixedIo::new(head.freeze(), stream);
     }
+}
+
+/// Whether hyper ended a connection because a request head did not parse. hyper has
+/// then answered it itself (`400`/`431`/`414`, empty body), as baton cannot check a
+/// head hyper reads on a live keep-alive connection: hyper offers no hook at message
+/// boundaries. Counted and logged all the same.
+fn rejected_by_hyper(e: &hyper::Error, bad_requests: &Counter) -> bool {
+    if !(e.is_parse() || e.is_parse_too_large()) {
+        return false;
+    }
+    bad_requests.incr();
+    tracing::info!(error = %e, "malformed request rejected by the HTTP server");
+    true
 }
 
 /// Copies both ways between the client and the endpoint's upgraded connection.
@@ -140,11 +178,12 @@ fn run(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout)
-        .max_buf_size(cfg.max_header_bytes);
+        .max_buf_size(cfg.max_header_bytes)
+        .max_headers(super::MAX_HEADERS);
     Box::pin(Http1 {
         conn: Some(builder.serve_connection(TokioIo::new(io), svc)),
         state,
-        drain: WatchStream::from_changes(drain),
+        drain: super::drain_signal(drain),
         park_after: cfg.park_after,
         timer: Box::pin(tokio::time::sleep(cfg.park_after)),
         seen: None,

@@ -55,7 +55,7 @@ pub(super) fn serve(
     Box::pin(Http2 {
         conn: builder.serve_connection(TokioIo::new(io), svc),
         state,
-        drain: WatchStream::from_changes(drain),
+        drain: super::drain_signal(drain),
         idle,
         timer: Box::pin(tokio::time::sleep(idle)),
         seen: None,

@@ -136,6 +136,11 @@ impl Baton {
         String::from_utf8(body.to_vec()).unwrap()
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     /// Sends `signal` (e.g. "TERM", "HUP") to the process.
     pub fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().unwrap().id();

@@ -21,6 +21,12 @@
 //! it closes: a pool keyed by `:authority` would open a connection per distinct Host a
 //! client sends.
 //!
+//! A request the HTTP/2 connection hands back unsent (GOAWAY, or the connection
+//! closing under it before it was written) is resent once on a fresh connection,
+//! whatever its method. Streams the upstream refuses after they were written
+//! (`REFUSED_STREAM`, or above a GOAWAY's last stream id) are not: hyper has consumed
+//! their bodies.
+//!
 //! Always ready: connections are opened on demand. Failures are typed:
 //! [`ConnectError`](crate::errors::ConnectError) when no connection could be made (the
 //! request was not sent; retryable), [`UpstreamError`] otherwise.
@@ -262,10 +268,27 @@ impl H2Conn {
         Ok(sender)
     }
 
+    /// Sends `req` on the live connection. A request the connection hands back unsent
+    /// (it was closing: GOAWAY received, or closed under the request before it was
+    /// written) is sent once more on a fresh connection: the upstream never saw it, so
+    /// this is safe whatever the method, and its body is still unread.
     fn send(self: Arc<Self>, req: Request<Body>) -> H2Future {
         Box::pin(async move {
             let mut sender = self.sender().await?;
-            sender.send_request(req).await.map_err(Into::into)
+            let unsent = match sender.try_send_request(req).await {
+                Ok(rsp) => return Ok(rsp),
+                Err(mut e) => match e.take_message() {
+                    Some(req) => req,
+                    None => return Err(e.into_error().into()),
+                },
+            };
+            tracing::debug!(addr = %self.addr, "HTTP/2 upstream connection closed before the request was sent; resending on a new one");
+            // The handed-back request's connection is closed (`live` skips it).
+            let mut sender = self.sender().await?;
+            sender
+                .try_send_request(unsent)
+                .await
+                .map_err(|e| e.into_error().into())
         })
     }
 }
