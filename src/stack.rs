@@ -12,7 +12,7 @@
 //!     Retry              connect failures only; re-enters the balancer
 //!     Buffer             shares the single-owner balancer between connections
 //!     Balancer           p2c | rr | hash over discovery; fails fast with no endpoints
-//!       endpoint         Eject (out while failing to connect) -> Count (balancer
+//!       endpoint         Eject (out while failing to connect) -> span -> Count (balancer
 //!                        choices) -> Terminal: handoff, else HttpProxy
 //!
 //! Opaque connection: route by port -> NewCache<Logical> -> Retry -> Buffer ->
@@ -42,7 +42,7 @@ use baton_layers::{
     retry::ConnectRetry,
     route::{Router, Routes},
     target::{Endpoint, Logical, Protocol, LOCAL},
-    trace::TraceLayer,
+    trace::{EndpointSpan, Trace, TraceLayer},
     Error,
 };
 use futures_util::TryStreamExt;
@@ -230,16 +230,31 @@ fn opaque(
 /// Endpoints that cannot be connected to leave their balancer for a while
 /// (`BATON_EJECT_*`): inside the balancer, which reads their readiness, and outside
 /// everything else at the endpoint level, so it sees every connect failure.
-fn ejecting<N>(cfg: &Config, metrics: &Metrics, endpoint: N) -> NewEject<N> {
+///
+/// Each endpoint's requests run in its `endpoint{service, addr}` span.
+fn ejecting<N>(cfg: &Config, metrics: &Metrics, endpoint: N) -> NewEject<NewTraced<N>> {
     let metrics = metrics.clone();
     let eject = EjectConfig {
         failures: cfg.eject_failures,
         time: cfg.eject_time,
         time_max: cfg.eject_time_max,
     };
-    NewEject::new(endpoint, eject, move |ep: &Endpoint| {
+    NewEject::new(NewTraced(endpoint), eject, move |ep: &Endpoint| {
         metrics.ejections(&ep.logical.service, ep.addr.to_string())
     })
+}
+
+/// Endpoint services in their endpoint's span.
+#[derive(Clone, Debug)]
+pub struct NewTraced<N>(N);
+
+impl<N: NewService<Endpoint>> NewService<Endpoint> for NewTraced<N> {
+    type Service = Trace<N::Service, EndpointSpan>;
+
+    fn new_service(&self, ep: Endpoint) -> Self::Service {
+        let span = EndpointSpan::from(&ep);
+        TraceLayer::new(span).layer(self.0.new_service(ep))
+    }
 }
 
 /// A balancer factory resolving services in `registry`.

@@ -5,10 +5,50 @@
 //! The connection level's span is made by the server; the logical and endpoint levels
 //! use this layer. Spans below the enabled level cost one relaxed atomic load.
 
-use std::task::{Context, Poll};
+use crate::target::Endpoint;
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    task::{Context, Poll},
+};
 use tower_layer::Layer;
 use tower_service::Service;
 use tracing::{instrument::Instrumented, Instrument, Span};
+
+/// Makes the span each call of a [`Trace`] runs in.
+pub trait MakeSpan {
+    /// A new span.
+    fn make_span(&self) -> Span;
+}
+
+impl<F: Fn() -> Span> MakeSpan for F {
+    fn make_span(&self) -> Span {
+        self()
+    }
+}
+
+/// The endpoint level's span: `endpoint{service, addr}` at debug (a named type, so
+/// the endpoint service built per discovered endpoint has a nameable type).
+#[derive(Clone, Debug)]
+pub struct EndpointSpan {
+    service: Arc<str>,
+    addr: SocketAddr,
+}
+
+impl From<&Endpoint> for EndpointSpan {
+    fn from(ep: &Endpoint) -> Self {
+        Self {
+            service: ep.logical.service.clone(),
+            addr: ep.addr,
+        }
+    }
+}
+
+impl MakeSpan for EndpointSpan {
+    fn make_span(&self) -> Span {
+        tracing::debug_span!("endpoint", service = %self.service, addr = %self.addr)
+    }
+}
 
 /// Layer for [`Trace`].
 #[derive(Clone, Debug)]
@@ -16,7 +56,7 @@ pub struct TraceLayer<F> {
     make_span: F,
 }
 
-impl<F: Fn() -> Span + Clone> TraceLayer<F> {
+impl<F: MakeSpan + Clone> TraceLayer<F> {
     /// Runs each request in a span made by `make_span`.
     pub fn new(make_span: F) -> Self {
         Self { make_span }
@@ -43,7 +83,7 @@ pub struct Trace<S, F> {
 impl<S, F, Req> Service<Req> for Trace<S, F>
 where
     S: Service<Req>,
-    F: Fn() -> Span,
+    F: MakeSpan,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -54,7 +94,7 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let span = (self.make_span)();
+        let span = self.make_span.make_span();
         let _enter = span.enter();
         self.inner.call(req).instrument(span.clone())
     }
