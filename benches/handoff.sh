@@ -388,14 +388,15 @@ EOF
 NGINX_ARGS=(-p "$TMP/backend/" -c "$TMP/backend/nginx.conf" -e "$TMP/backend/error.log")
 
 # The first-request probe: N new connections one after the other, at most RATE a second,
-# each "GET PATH" with Connection: close. Prints one line per request: the time from
-# connect() to the last byte of the body in µs, or "error ..." (bad status or length,
-# socket error). The server's close is read after the clock stops.
+# each one keep-alive "GET PATH" (so handoff mode moves it: each probe is one
+# uncontended handoff), closed by the client once the body is in. Prints one line per
+# request: the time from connect() to the last byte of the body in µs, or "error ..."
+# (bad status or length, socket error).
 cat >"$TMP/probe.py" <<'PY'
 import socket, sys, time
 
 host, port, path, n, rate = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
-req = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+req = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
 interval = 1.0 / rate
 due = time.monotonic()
 for _ in range(n):
@@ -424,8 +425,6 @@ for _ in range(n):
                 raise OSError(f"closed after {got} of {length} body bytes")
             got += len(b)
         t1 = time.perf_counter()
-        while s.recv(262144):
-            pass
         s.close()
         if status != b"200" or got != length:
             print(f"error status {status.decode()} body {got}/{length}", flush=True)
@@ -974,7 +973,7 @@ replace_section() {
     fi
     echo "- Throughput: \`$WRK_TPUT\`$( ((WARMUP > 0)) && echo " after a ${WARMUP}s untimed warm-up"); **p50/p99 are from a separate latency run** \`$WRK_LAT\` (one connection; wrk measures from writing the request to the end of the response, so connection setup is excluded but the handoff is included; with keep-alive only the connection's first request is handed off)"
     if ((PROBES > 0)); then
-        echo "- First request (probe): $PROBES new connections per run, one at a time, at most $PROBE_RATE/s, each \`GET\` with \`Connection: close\` from a small Python client in the client namespace; p50/p99 of the time from \`connect()\` to the last body byte (Python adds a fixed cost to every target alike). For handoff this is one uncontended handoff per request"
+        echo "- First request (probe): $PROBES new connections per run, one at a time, at most $PROBE_RATE/s, each a keep-alive \`GET\` (the client closes the connection after the body) from a small Python client in the client namespace; p50/p99 of the time from \`connect()\` to the last body byte (Python adds a fixed cost to every target alike). For handoff each probe is one uncontended handoff"
     fi
     echo "- FE CPU s / 10k req: the fe baton's utime+stime+cutime+cstime over the throughput run, per 10 000 requests (\`CLK_TCK\`=$CLK_TCK, so one tick is $(awk -v hz="$CLK_TCK" 'BEGIN { printf "%g", 1 / hz }') s). Not included: softirq work of fe's ingress hook forwarding a moved connection's packets, which the kernel charges to whatever process runs when they arrive (mostly wrk). BE baton CPU (handoff table) is the same figure for be's baton, which serves moved connections"
     echo "- Handoff latency: \`baton_handoff_duration_seconds\` (fe, freeze → \"go\") bucket deltas over the run; a percentile is shown as the upper bound of the bucket that holds it (buckets 50, 100, 200, 300, 500, 750 µs, 1, 2, 5, 10, 25, 50 ms)"
