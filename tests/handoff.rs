@@ -186,6 +186,12 @@ http {{
         self.fe = Some(self.spawn_fe(extra));
     }
 
+    /// Starts baton on fe with `be` as the only endpoint of `objects`.
+    fn start_fe_to(&mut self, be: &str) {
+        let services = format!("objects={}:8080", self.bed.ip(be));
+        self.start_fe(&[("BATON_STATIC_SERVICES", services)]);
+    }
+
     fn spawn_fe(&self, extra: &[(&'static str, String)]) -> u32 {
         self.spawn_fe_with(extra, &[])
     }
@@ -1249,8 +1255,7 @@ fn a_backend_deployed_as_in_the_manifests_takes_handoffs_behind_its_capture() {
             ("BATON_ROUTES", "*=local".into()),
         ],
     );
-    let be1 = f.bed.ip("be1");
-    f.start_fe(&[("BATON_STATIC_SERVICES", format!("objects={be1}:8080"))]);
+    f.start_fe_to("be1");
     let local_200 = "baton_requests_total{service=\"local\",status=\"200\"}";
 
     // Proxied (a connection that closes after one request): fe -> be1:8080, captured
@@ -1552,8 +1557,7 @@ fn a_backend_without_a_baton_is_not_tried_on_every_connection() {
     // after one refused control connection fe leaves be1's handoff port alone for a
     // while (1 s, doubling) and proxies at once, without freezing anything.
     let Some(mut f) = Fleet::new() else { return };
-    let be1 = f.bed.ip("be1");
-    f.start_fe(&[("BATON_STATIC_SERVICES", format!("objects={be1}:8080"))]);
+    f.start_fe_to("be1");
     // Count the SYNs reaching be1's handoff port.
     f.bed.nft(
         "be1",
@@ -1603,7 +1607,7 @@ fn a_new_connection_reusing_a_stale_moved_tuple_is_served_by_the_frontend() {
     let Some(mut f) = Fleet::new() else { return };
     f.start_be("be1", &[]);
     let be1 = f.bed.ip("be1");
-    f.start_fe(&[("BATON_STATIC_SERVICES", format!("objects={be1}:8080"))]);
+    f.start_fe_to("be1");
     let (client, fe) = (f.bed.ip("client"), f.bed.ip("fe"));
     for port in [40123, 40124] {
         f.bed.must(

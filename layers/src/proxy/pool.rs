@@ -38,7 +38,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc, Weak,
     },
     task::{Context, Poll},
@@ -58,8 +58,6 @@ pub struct H1Pool {
     addr: SocketAddr,
     cfg: Arc<ConnectConfig>,
     idle: SegQueue<Idle>,
-    /// Entries in `idle` (approximately, while pushes and pops race).
-    len: AtomicUsize,
     max_idle: usize,
     idle_timeout: Duration,
     reaping: AtomicBool,
@@ -86,7 +84,6 @@ impl H1Pool {
             addr,
             cfg,
             idle: SegQueue::new(),
-            len: AtomicUsize::new(0),
             max_idle,
             idle_timeout,
             reaping: AtomicBool::new(false),
@@ -98,24 +95,17 @@ impl H1Pool {
         self.idle.len()
     }
 
-    fn pop(&self) -> Option<Idle> {
-        let idle = self.idle.pop()?;
-        self.len.fetch_sub(1, Ordering::Relaxed);
-        Some(idle)
-    }
-
     fn push(&self, idle: Idle) {
-        // Over the bound: drop it (hyper closes it).
-        if self.len.fetch_add(1, Ordering::Relaxed) >= self.max_idle {
-            self.len.fetch_sub(1, Ordering::Relaxed);
-            return;
+        // Over the bound: drop it (hyper closes it). Two returns racing may keep one
+        // more than the bound for a moment; nothing depends on the exact count.
+        if self.idle.len() < self.max_idle {
+            self.idle.push(idle);
         }
-        self.idle.push(idle);
     }
 
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection or a new one.
     pub async fn send(self: Arc<Self>, mut req: Request<Body>) -> Result<Response<Body>, Error> {
-        while let Some(idle) = self.pop() {
+        while let Some(idle) = self.idle.pop() {
             if idle.sender.is_closed() || idle.since.elapsed() >= self.idle_timeout {
                 continue;
             }
@@ -197,7 +187,7 @@ impl H1Pool {
 
     fn reap(&self) {
         for _ in 0..self.idle.len() {
-            let Some(idle) = self.pop() else { return };
+            let Some(idle) = self.idle.pop() else { return };
             if !idle.sender.is_closed() && idle.since.elapsed() < self.idle_timeout {
                 self.push(idle);
             }
@@ -268,6 +258,7 @@ impl Drop for PooledBody {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use std::sync::atomic::AtomicUsize;
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
