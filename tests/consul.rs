@@ -335,7 +335,7 @@ async fn index_going_backwards_restarts_the_watch() {
     .await;
     assert!(!health.is_empty());
     assert!(
-        baton.log().contains("index went backwards"),
+        baton.logged("index went backwards").await,
         "{}",
         baton.log()
     );
@@ -452,7 +452,7 @@ async fn consul_down_for_ten_seconds_under_load_fails_nothing() {
     register(&api, &service, &c, json!({})).await;
     until_routed(&baton, 6, only(&[a.name, b.name, c.name])).await;
     assert!(
-        baton.log().contains("serving the last known instances"),
+        baton.logged("serving the last known instances").await,
         "{}",
         baton.log()
     );
@@ -722,7 +722,7 @@ async fn the_acl_token_goes_in_x_consul_token() {
         let (status, _, body) = get(other.admin, "/ready").await;
         assert_eq!(status, 503);
         assert!(String::from_utf8_lossy(&body).contains("waiting for discovery"));
-        assert!(other.log().contains("403"), "{}", other.log());
+        assert!(other.logged("403").await, "{}", other.log());
     }
     api.deregister(a.name).await;
 }

@@ -114,6 +114,19 @@ impl Baton {
         self.log.lock().unwrap().clone()
     }
 
+    /// Whether baton logs `needle`, waiting up to 10 s for it: its log reaches the test
+    /// through a pipe and a reader thread, a little after baton wrote it.
+    pub async fn logged(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(needle) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     /// Waits for `/ready` to answer 200 (panics with the log after 15 s).
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
