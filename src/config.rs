@@ -192,6 +192,9 @@ vars! {
     BATON_HANDOFF = DEFAULT_HANDOFF: "off";
     /// Services whose requests may be handed off, `a,b` (empty: all).
     BATON_HANDOFF_ROUTES = DEFAULT_HANDOFF_ROUTES: "";
+    /// The smallest expected response a frontend hands off, in bytes (learned from the
+    /// responses it proxies; 0: every eligible request).
+    BATON_HANDOFF_MIN_BYTES = DEFAULT_HANDOFF_MIN_BYTES: "32768";
     /// How long the frontend waits for a backend's "ready" before proxying instead.
     BATON_HANDOFF_TIMEOUT = DEFAULT_HANDOFF_TIMEOUT: "50ms";
     /// The interface the handoff table hooks (empty: the default route's).
@@ -416,6 +419,8 @@ pub struct HandoffSettings {
     /// Accepted frontend networks (`None`: the interface's).
     #[serde(serialize_with = "display_list")]
     pub fe_cidrs: Option<Vec<Ipv4Net>>,
+    /// The smallest expected response handed off (0: all).
+    pub min_bytes: u64,
     /// Lifetime of kernel entries of moved connections.
     #[serde(serialize_with = "duration")]
     pub flow_ttl: Duration,
@@ -580,6 +585,14 @@ fn handoff_settings<S: Strings>(
             );
         }
     }
+    let min_bytes = p.var(BATON_HANDOFF_MIN_BYTES, DEFAULT_HANDOFF_MIN_BYTES, |s| {
+        s.parse::<u64>()
+            .ok()
+            .filter(|n| *n <= 1 << 40)
+            .ok_or_else(|| {
+                "expected a byte count, e.g. 32768 (0: hand off every eligible request)".into()
+            })
+    });
     let timeout = p.var(
         BATON_HANDOFF_TIMEOUT,
         DEFAULT_HANDOFF_TIMEOUT,
@@ -674,6 +687,7 @@ fn handoff_settings<S: Strings>(
     };
     Some(Some(HandoffSettings {
         routes: names?,
+        min_bytes: min_bytes?,
         timeout: timeout?,
         interface,
         addr: addr?,

@@ -143,6 +143,9 @@ http {{
             ("BATON_HANDOFF", "on".into()),
             ("BATON_HANDOFF_KEY_FILE", self.key.display().to_string()),
             ("BATON_HANDOFF_INTERFACE", "eth0".into()),
+            // The mechanism's tests hand off every eligible request; the size
+            // policy has a test of its own.
+            ("BATON_HANDOFF_MIN_BYTES", "0".into()),
             ("BATON_WORKERS", "1".into()),
             ("BATON_LOG", "baton=debug,baton_layers=debug,info".into()),
         ];
@@ -569,6 +572,62 @@ fn objects_are_handed_off_intact_and_bytes_skip_the_frontend() {
     assert_eq!(got[0]["sha"], sha256(&content(MIB)));
     assert_eq!(f.metric("fe", "baton_handoff_attempts_total"), attempts);
     f.assert_crossed_fe(sent, MIB, "Connection: close, proxied");
+}
+
+#[test]
+fn the_size_policy_hands_off_only_what_it_learned_is_large() {
+    let Some(mut f) = Fleet::new() else { return };
+    f.start_be("be1", &[]);
+    f.start_be("be2", &[]);
+    f.start_fe(&[("BATON_HANDOFF_MIN_BYTES", "32768".into())]);
+    let skipped = |f: &Fleet, why: &str| {
+        f.metric(
+            "fe",
+            &format!("baton_handoff_skipped_total{{reason=\"{why}\"}}"),
+        )
+    };
+    let handoffs = |f: &Fleet| f.metric("fe", "baton_handoffs_total");
+    // Each request on a new keep-alive connection (curl), so each is eligible.
+    let fetch = |f: &Fleet, path: &str, len: usize| {
+        let ((status, by, body), sent) = f.fe_sent(|| f.get(path));
+        assert_eq!(status, 200, "{path}");
+        assert!(by == "be1" || by == "be2", "{path}: served by {by:?}");
+        assert_eq!(sha256(&body), sha256(&content(len)), "{path} intact");
+        sent
+    };
+    // Nothing known yet: proxied, and measured.
+    let sent = fetch(&f, "/1m", MIB);
+    f.assert_crossed_fe(sent, MIB, "first /1m, nothing known");
+    assert_eq!(skipped(&f, "unknown"), 1.0);
+    assert_eq!(handoffs(&f), 0.0);
+    // Now known to be large: handed off, the response skips fe.
+    let sent = fetch(&f, "/1m", MIB);
+    f.assert_skipped_fe(sent, MIB, "second /1m, known large");
+    assert_eq!(handoffs(&f), 1.0, "fe log:\n{}", f.log("fe"));
+    // Another target of the same service follows the service's record (large),
+    let sent = fetch(&f, "/256k", KIB256);
+    f.assert_skipped_fe(sent, KIB256, "/256k, its service's responses are large");
+    assert_eq!(handoffs(&f), 2.0);
+    // ...a small one too, until one in 16 such guesses is proxied to measure it;
+    // from then on it is known small and proxied every time.
+    let mut tries = 0;
+    while skipped(&f, "sample") == 0.0 {
+        tries += 1;
+        assert!(tries <= 16, "an unseen target is sampled within 16 guesses");
+        fetch(&f, "/1k", 1024);
+    }
+    let handed = handoffs(&f);
+    let small = skipped(&f, "small");
+    for _ in 0..3 {
+        fetch(&f, "/1k", 1024);
+    }
+    assert_eq!(handoffs(&f), handed, "/1k is known small: proxied");
+    assert_eq!(skipped(&f, "small"), small + 3.0);
+    // ...while /1m stays handed off.
+    let sent = fetch(&f, "/1m", MIB);
+    f.assert_skipped_fe(sent, MIB, "/1m still known large");
+    assert_eq!(handoffs(&f), handed + 1.0);
+    assert_eq!(f.metric("fe", "baton_handoff_fallbacks_total"), 0.0);
 }
 
 #[test]

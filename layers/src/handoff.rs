@@ -47,6 +47,7 @@ pub mod control;
 pub mod diag;
 pub mod fe;
 pub mod nft;
+pub mod policy;
 pub mod repair;
 pub mod tables;
 pub mod wire;
@@ -81,6 +82,9 @@ pub struct HandoffConfig {
     pub services: Option<Vec<Arc<str>>>,
     /// The BE's local application (`BATON_APP_ADDR`).
     pub app_addr: SocketAddr,
+    /// FE: the smallest expected response worth a handoff
+    /// (`BATON_HANDOFF_MIN_BYTES`; 0: every eligible request).
+    pub min_bytes: u64,
     /// The kernel sets.
     pub tables: nft::Tables,
 }
@@ -101,6 +105,8 @@ pub struct Handoff {
     closed: Mutex<HashMap<Notices, Vec<Flow>>>,
     /// FE: the control connection to each BE receiver.
     controls: control::Controls,
+    /// FE: which requests are worth a handoff.
+    policy: policy::SizePolicy,
 }
 
 /// Where a BE's notices about a moved connection go, and the address they come from:
@@ -121,7 +127,6 @@ impl Handoff {
     /// The runtime for `cfg`.
     pub fn new(cfg: HandoffConfig, metrics: Metrics) -> Arc<Self> {
         Arc::new(Self {
-            cfg,
             metrics,
             replay: ReplayGuard::default(),
             live: Mutex::new(HashMap::new()),
@@ -129,12 +134,19 @@ impl Handoff {
             diag: std::sync::atomic::AtomicBool::new(false),
             closed: Mutex::new(HashMap::new()),
             controls: Mutex::new(HashMap::new()),
+            policy: policy::SizePolicy::new(cfg.min_bytes),
+            cfg,
         })
     }
 
     /// The settings.
     pub fn config(&self) -> &HandoffConfig {
         &self.cfg
+    }
+
+    /// The FE's size policy.
+    pub fn policy(&self) -> &policy::SizePolicy {
+        &self.policy
     }
 
     fn metrics(&self) -> &crate::metrics::HandoffMetrics {
@@ -189,6 +201,7 @@ impl Handoff {
             peer_nets: vec!["127.0.0.0/8".parse().expect("a network")],
             services: None,
             app_addr: "127.0.0.1:8080".parse().expect("an address"),
+            min_bytes: 0,
             tables: nft::Tables::new(
                 "baton-unit-test-absent",
                 Duration::from_secs(5),

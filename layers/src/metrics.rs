@@ -210,6 +210,8 @@ pub struct HandoffMetrics {
     pub handed_off: Counter,
     /// FE: handoffs that fell back to proxying, by reason.
     pub fallbacks: Labeled,
+    /// FE: eligible requests the size policy proxied, by reason.
+    pub skipped: Labeled,
     /// FE: freeze to "go".
     pub latency: Histogram,
     /// FE: switched connections whose "go" could not be written (still the BE's).
@@ -267,6 +269,7 @@ impl Default for HandoffMetrics {
             attempts: Counter::default(),
             handed_off: Counter::default(),
             fallbacks: Labeled::new("reason", FALLBACK_REASONS),
+            skipped: Labeled::new("reason", crate::handoff::policy::SKIP_REASONS),
             latency: Histogram::with_bounds(&HANDOFF_BUCKETS),
             go_failed: Counter::default(),
             control_opened: Counter::default(),
@@ -306,6 +309,11 @@ impl HandoffMetrics {
             out,
             "baton_handoff_fallbacks_total",
             "Handoffs abandoned before the switch; the request was proxied.",
+        );
+        self.skipped.render(
+            out,
+            "baton_handoff_skipped_total",
+            "Requests that could have been handed off but were proxied by the size policy (BATON_HANDOFF_MIN_BYTES): small = their responses are small, unknown = nothing measured yet, sample = expected large, proxied to measure again.",
         );
         header(
             out,

@@ -25,6 +25,7 @@
 
 use super::{
     control::Reply,
+    policy::{self, Slot},
     repair,
     wire::{self, Flow, Message, Offer},
     Handoff,
@@ -329,9 +330,14 @@ impl<N: NewService<Endpoint>> NewService<Endpoint> for NewTerminal<N> {
 
     fn new_service(&self, ep: Endpoint) -> Self::Service {
         let peer = match (&self.handoff, ep.addr.ip()) {
-            (Some(h), std::net::IpAddr::V4(ip)) if h.serves(&ep.logical.service) => h
-                .peer(ip, ep.handoff_port)
-                .map(|p| (h.clone(), p, ep.addr.port())),
+            (Some(h), std::net::IpAddr::V4(ip)) if h.serves(&ep.logical.service) => {
+                h.peer(ip, ep.handoff_port).map(|p| Peer {
+                    service: h.policy().service(&ep.logical.service),
+                    handoff: h.clone(),
+                    addr: p,
+                    app_port: ep.addr.port(),
+                })
+            }
             _ => None,
         };
         Terminal {
@@ -342,12 +348,24 @@ impl<N: NewService<Endpoint>> NewService<Endpoint> for NewTerminal<N> {
 }
 
 /// The endpoint's terminal: hands the connection off when the request and connection
-/// allow it, else (and whenever the handoff fails) proxies with `S`.
+/// allow it and its response is expected to be large enough (see [`super::policy`]),
+/// else (and whenever the handoff fails) proxies with `S`.
 #[derive(Clone, Debug)]
 pub struct Terminal<S> {
     inner: S,
-    /// The handoff runtime, the peer's receiver, and the endpoint's port.
-    peer: Option<(Arc<Handoff>, SocketAddrV4, u16)>,
+    peer: Option<Peer>,
+}
+
+/// Where an endpoint's connections can go.
+#[derive(Clone, Debug)]
+struct Peer {
+    handoff: Arc<Handoff>,
+    /// The peer's receiver.
+    addr: SocketAddrV4,
+    /// The endpoint's (the BE application's) port.
+    app_port: u16,
+    /// The service's hash in the size policy.
+    service: u64,
 }
 
 type HandoffFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>;
@@ -359,28 +377,45 @@ where
 {
     type Response = Response<Body>;
     type Error = Error;
-    type Future = Either<S::Future, HandoffFuture>;
+    type Future = Either<Measured<S::Future>, HandoffFuture>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let Some((handoff, peer, app_port)) = &self.peer else {
-            return Either::Left(self.inner.call(req));
+        let Some(peer) = &self.peer else {
+            return Either::Left(Measured::new(self.inner.call(req), None));
         };
+        let policy = peer.handoff.policy();
+        // What the response will teach the policy: GET and HEAD responses only (a
+        // HEAD's announces its GET's length), of every version and position on the
+        // connection, as only the handoff's own cannot be seen.
+        let slot =
+            (policy.active() && matches!(*req.method(), Method::GET | Method::HEAD)).then(|| {
+                let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                policy.slot(peer.service, target)
+            });
+        let measure = slot.map(|s| (peer.handoff.clone(), s));
         let Some(takeover) = eligible(&req) else {
-            return Either::Left(self.inner.call(req));
+            return Either::Left(Measured::new(self.inner.call(req), measure));
         };
+        if let Some(slot) = slot {
+            if let Err(skip) = policy.decide(slot) {
+                takeover.release();
+                peer.handoff.metrics().skipped.get(skip.as_str()).incr();
+                return Either::Left(Measured::new(self.inner.call(req), measure));
+            }
+        }
         // The ready service goes into the future, for the fallback.
         let fresh = self.inner.clone();
         let mut ready = std::mem::replace(&mut self.inner, fresh);
-        let (handoff, peer, app_port) = (handoff.clone(), *peer, *app_port);
+        let (handoff, addr, app_port) = (peer.handoff.clone(), peer.addr, peer.app_port);
         Either::Right(Box::pin(async move {
             // On its own task: if this request is abandoned (its deadline passes), the
             // handoff still runs to a clean end — moved, or thawed and released —
             // instead of leaving a frozen socket behind.
-            let moved = tokio::spawn(handoff.hand_off(takeover, peer, app_port))
+            let moved = tokio::spawn(handoff.hand_off(takeover, addr, app_port))
                 .await
                 .unwrap_or(false);
             if moved {
@@ -388,8 +423,40 @@ where
                 rsp.extensions_mut().insert(HandedOff);
                 return Ok(rsp);
             }
-            ready.call(req).await
+            Measured::new(ready.call(req), measure).await
         }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A proxied response's future that tells the size policy the response's length.
+    pub struct Measured<F> {
+        #[pin]
+        inner: F,
+        measure: Option<(Arc<Handoff>, Slot)>,
+    }
+}
+
+impl<F> Measured<F> {
+    fn new(inner: F, measure: Option<(Arc<Handoff>, Slot)>) -> Self {
+        Self { inner, measure }
+    }
+}
+
+impl<F> Future for Measured<F>
+where
+    F: Future<Output = Result<Response<Body>, Error>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        if let (Ok(rsp), Some((handoff, slot))) = (&out, this.measure.take()) {
+            let length = policy::announced_length(rsp.status(), rsp.headers());
+            handoff.policy().observe(slot, length);
+        }
+        Poll::Ready(out)
     }
 }
 
