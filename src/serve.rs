@@ -314,6 +314,10 @@ where
 fn parse_head(buf: &[u8], limit: usize) -> Result<bool, Reject> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     match httparse::Request::new(&mut headers).parse(buf) {
+        // A head that arrived whole in one read is held to the limit all the same.
+        Ok(httparse::Status::Complete(n)) if n > limit => {
+            Err(Reject::new(431, "request header too large"))
+        }
         Ok(httparse::Status::Complete(_)) => Ok(true),
         Ok(httparse::Status::Partial) if buf.len() >= limit => {
             Err(Reject::new(431, "request header too large"))
@@ -349,5 +353,38 @@ impl Reject {
             self.status,
             body.len()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn head(bytes: &[u8], limit: usize) -> Result<bool, u16> {
+        let mut io = bytes;
+        // Room for everything: one read takes it all, as when it all arrived at once.
+        let mut buf = BytesMut::with_capacity(bytes.len() + 4096);
+        read_head(&mut io, &mut buf, limit, Duration::from_secs(1))
+            .await
+            .map_err(|r| r.status)
+    }
+
+    #[tokio::test]
+    async fn a_head_over_the_limit_is_431_however_it_arrives() {
+        let big = format!("GET / HTTP/1.1\r\nx-big: {}\r\n\r\n", "a".repeat(70_000));
+        // Whole (one read takes all of it) and cut short (still partial at the limit).
+        assert_eq!(head(big.as_bytes(), 65_536).await, Err(431));
+        assert_eq!(head(&big.as_bytes()[..66_000], 65_536).await, Err(431));
+        assert_eq!(head(big.as_bytes(), 80_000).await, Ok(true));
+        assert_eq!(
+            head(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 8192).await,
+            Ok(true)
+        );
+        assert_eq!(
+            head(b"GET / HTTP/1.1\r\nno colon\r\n\r\n", 8192).await,
+            Err(400)
+        );
+        assert_eq!(head(b"", 8192).await, Ok(false));
+        assert_eq!(head(b"GET / HTTP/1.1\r\n", 8192).await, Err(400));
     }
 }
