@@ -10,9 +10,17 @@
 #
 # Targets: direct   = client -> be nginx :8080
 #          proxy    = client -> fe baton :15006, BATON_HANDOFF=off (fe proxies to be nginx)
-#          handoff  = client -> fe baton :15006, BATON_HANDOFF=on: fe hands the client's TCP
-#                     connection to be's baton, which serves it from nginx; the response
-#                     goes be -> client without fe.
+#          handoff  = client -> fe baton :15006, BATON_HANDOFF=on, BATON_HANDOFF_MIN_BYTES=0
+#                     (always, whatever the caller's environment says): fe hands every
+#                     eligible client TCP connection to be's baton, which serves it from
+#                     nginx; the response goes be -> client without fe. The mechanism.
+#          policy   = client -> fe baton :15006, BATON_HANDOFF=on with the size policy
+#                     (BATON_HANDOFF_MIN_BYTES from the caller's environment, else the
+#                     default 32768): fe hands off only requests whose response it expects
+#                     to be that large, learned per path from the responses it proxies (a
+#                     path's first request is proxied and measured; 1 in 64 expected-large
+#                     ones are proxied again as a sample). The learned sizes start empty
+#                     at every fe restart, so the warm-up teaches them.
 # Connection modes: keepalive (plain wrk: a connection is handed off once, at its first
 # request, and then served by the be baton) and close (wrk -H 'Connection: close': every
 # request is a new connection and so a new handoff).
@@ -21,10 +29,11 @@
 # connection mode once (targets interleaved): warm-up, throughput (wrk -t2 -c32 -d8s),
 # latency (wrk -t1 -c1 -d4s --latency), then a first-request probe per target (PROBES
 # new connections one at a time, PROBE_RATE/s, timed by a Python client). The fe baton
-# is restarted when the target switches between proxy and handoff. It measures the fe
-# baton's CPU seconds per 10k requests (and the be baton's, for handoff), and from the
-# fe's /metrics the deltas of baton_handoffs_total, baton_handoff_fallbacks_total and
-# the baton_handoff_duration_seconds histogram (freeze -> "go"). It stops if a baton's
+# is restarted when the target switches between proxy, handoff and policy. It measures
+# the fe baton's CPU seconds per 10k requests (and the be baton's, for handoff and
+# policy), and from the fe's /metrics the deltas of baton_handoffs_total,
+# baton_handoff_fallbacks_total, baton_handoff_skipped_total (policy) and the
+# baton_handoff_duration_seconds histogram (freeze -> "go"). It stops if a baton's
 # socket destruction watch ends (close notices stop: later numbers would be wrong). If
 # the fe baton cannot bind its port at a restart (EADDRINUSE from the TIME_WAIT of
 # sockets that went through TCP_REPAIR: a baton bug), it waits up to 90 s and says so.
@@ -35,7 +44,7 @@
 # Run as root:  sudo benches/handoff.sh        smoke test:  sudo QUICK=1 benches/handoff.sh
 # Environment (defaults in brackets):
 #   RUNS [3]  DURATION [8]  LAT_DURATION [4]  WARMUP [2]  WRK_THREADS [2]  WRK_CONNS [32]
-#   SIZES ["1k 64k 1m"]  TARGETS ["direct proxy handoff"]  CONN_MODES ["keepalive close"]
+#   SIZES ["1k 64k 1m"]  TARGETS ["direct proxy handoff policy"]  CONN_MODES ["keepalive close"]
 #   PROBES [200]  PROBE_RATE [100]  (first-request probes per target and run; 0 = none)
 #   QUICK [0]  (1: RUNS=1 DURATION=2 LAT_DURATION=2 WARMUP=1 PROBES=50 unless set)
 #   PIN [1]  CLIENT_CPUS [0]  SERVER_CPUS [1]  (taskset: wrk on CLIENT_CPUS; fe baton, be
@@ -44,7 +53,9 @@
 #   BATON_BIN [target/release/baton, built with cargo build --release]  SKIP_BUILD [0]
 #   BATON_LOG [warn]  RAW_DIR [unset]  (a directory to copy raw wrk outputs, logs and
 #   /metrics scrapes into; with BATON_LOG=info the batons' logs show every handoff)
-#   Any other BATON_* variable in the environment is passed to both batons unchanged.
+#   Any other BATON_* variable in the environment is passed to both batons unchanged,
+#   except that the handoff target always runs the fe with BATON_HANDOFF_MIN_BYTES=0;
+#   BATON_HANDOFF_MIN_BYTES [unset: baton's default, 32768] is the policy target's.
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -65,7 +76,7 @@ WARMUP=${WARMUP:-$def_warm}
 WRK_THREADS=${WRK_THREADS:-2}
 WRK_CONNS=${WRK_CONNS:-32}
 SIZES=${SIZES:-1k 64k 1m}
-TARGETS=${TARGETS:-direct proxy handoff}
+TARGETS=${TARGETS:-direct proxy handoff policy}
 CONN_MODES=${CONN_MODES:-keepalive close}
 PROBES=${PROBES:-$def_probes}
 PROBE_RATE=${PROBE_RATE:-100}
@@ -98,17 +109,23 @@ BE_IP=$SUBNET.3
 
 declare -A SIZE_BYTES=([1k]=1024 [64k]=65536 [1m]=1048576)
 declare -A SIZE_LABEL=([1k]="1 KiB" [64k]="64 KiB" [1m]="1 MiB")
-ALL_TARGETS="proxy handoff direct" # the order in a round: direct between handoff and proxy
-DISPLAY_TARGETS="direct proxy handoff"
+# The order in a round: direct between handoff and proxy (the fe restart after the
+# handoff runs, whose fallbacks may leave TIME_WAITs on the port, comes after a pause).
+ALL_TARGETS="proxy policy handoff direct"
+DISPLAY_TARGETS="direct proxy handoff policy"
 ALL_CONN_MODES="keepalive close"
 declare -A CONN_LABEL=([keepalive]="keep-alive" [close]="Connection: close")
 declare -A TARGET_URL=(
     [direct]="http://$BE_IP:$BACKEND_PORT"
     [proxy]="http://$FE_IP:$BATON_PORT"
     [handoff]="http://$FE_IP:$BATON_PORT"
+    [policy]="http://$FE_IP:$BATON_PORT"
 )
 
 has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
+# is_handoff_target TARGET: the fe baton runs with BATON_HANDOFF=on (handoff, policy).
+is_handoff_target() { [[ $1 == handoff || $1 == policy ]]; }
+has_handoff_target() { has_target handoff || has_target policy; }
 
 # ---------------------------------------------------------------- checks
 [[ $(id -u) == 0 ]] || die "must run as root (it creates network namespaces): sudo $0"
@@ -143,7 +160,7 @@ if [[ $PIN == 1 ]]; then
 fi
 
 # ---------------------------------------------------------------- build baton
-if has_target proxy || has_target handoff; then
+if has_target proxy || has_handoff_target; then
     if [[ $SKIP_BUILD != 1 ]]; then
         if command -v cargo >/dev/null 2>&1; then
             log "building baton: cargo build --release --bin baton"
@@ -256,6 +273,12 @@ labeled_deltas() {
           l = $1; sub(/^[^{]*\{/, "", l); sub(/\}$/, "", l); sub(/^[a-z_]+="/, "", l); sub(/"$/, "", l)
           if (FILENAME == ARGV[1]) b[l] = $NF; else { a[l] = $NF; if (!(l in seen)) { seen[l] = 1; order[++k] = l } } }
         END { for (i = 1; i <= k; i++) { d = a[order[i]] - b[order[i]]; if (d != 0) { s = s sep order[i] "=" d; sep = ", " } } print s }' "$1" "$2"
+}
+# sum_labeled: the label-wise sum of the labeled_deltas lines on stdin ("a=1, b=2" and
+# "b=3" give "a=1, b=5"), in the order the labels first appear.
+sum_labeled() {
+    tr ',' '\n' | awk -F= 'NF == 2 { gsub(/ /, "", $1); if (!($1 in n)) o[++k] = $1; n[$1] += $2 }
+        END { for (i = 1; i <= k; i++) { s = s sep o[i] "=" n[o[i]]; sep = ", " } print s }'
 }
 # hist BEFORE AFTER: "le:delta le:delta ..." of baton_handoff_duration_seconds_bucket
 # (cumulative counts, in the order /metrics lists them; the last le is +Inf).
@@ -468,9 +491,12 @@ wait_until 20 be-baton "$BE_PID" admin_ready "$NS_B"
 
 FE_PID="" FE_MODE=""
 FE_STARTS=0
-# fe_start MODE (proxy | handoff): (re)start the fe baton with BATON_HANDOFF=off | on.
+# fe_start MODE (proxy | handoff | policy): (re)start the fe baton with BATON_HANDOFF=off
+# (proxy) or on (handoff: with BATON_HANDOFF_MIN_BYTES=0, every eligible request handed
+# off; policy: the caller's BATON_HANDOFF_MIN_BYTES, which passes through, or baton's
+# default).
 fe_start() {
-    local mode=$1 onoff=off stale
+    local mode=$1 stale fe_env=(BATON_HANDOFF=off)
     [[ $FE_MODE == "$mode" ]] && return 0
     if [[ -n $FE_PID ]]; then
         stop_pid "$FE_PID" 10
@@ -482,23 +508,24 @@ fe_start() {
             ip netns exec "$NS_F" ss -Htan "( sport = :$BATON_PORT )" | awk '{ print $1 }' | sort | uniq -c
         } >>"$TMP/fe-baton.log" 2>&1
     fi
-    if [[ $FE_MODE == handoff ]]; then
+    if is_handoff_target "$FE_MODE"; then
         # The handoff baton leaves its netdev table behind (by design: moved connections
         # outlive a restart). Redirects still in it now were never removed by a close
         # notice; count them, then drop the table so that proxy mode runs without the
-        # ingress hook.
+        # ingress hook (and the next handoff baton starts from an empty one).
         stale=$(nft_count "$NS_F" map moved)
-        [[ -z $stale || $stale == 0 ]] || note "fe: $stale redirect(s) left in the 'moved' map after the handoff runs (close notices missing)"
+        [[ -z $stale || $stale == 0 ]] || note "fe: $stale redirect(s) left in the 'moved' map after the $FE_MODE runs (close notices missing)"
         ip netns exec "$NS_F" nft delete table netdev baton 2>/dev/null || true
     fi
-    [[ $mode == handoff ]] && onoff=on
+    is_handoff_target "$mode" && fe_env=(BATON_HANDOFF=on)
+    [[ $mode == handoff ]] && fe_env+=(BATON_HANDOFF_MIN_BYTES=0)
     local t0=$SECONDS rc lines waited=0
     while :; do
         touch "$TMP/fe-baton.log"
         lines=$(wc -l <"$TMP/fe-baton.log")
         start_in "$NS_F" fe-baton env -u BATON_BIN "${BATON_COMMON[@]}" \
             BATON_ROUTES='*=objects' BATON_STATIC_SERVICES="objects=$BE_IP:$BACKEND_PORT" \
-            BATON_HANDOFF="$onoff" \
+            "${fe_env[@]}" \
             "${SERVER_PIN[@]}" "$BATON_RUN"
         FE_PID=$LAST_PID
         until admin_ready "$NS_F" 2>/dev/null || ! alive "$FE_PID"; do sleep 0.2; done
@@ -525,18 +552,21 @@ fe_start() {
     FE_MODE=$mode
     FE_STARTS=$((FE_STARTS + 1))
     wait_until 20 fe-baton "$FE_PID" admin_ready "$NS_F"
-    if [[ $mode == handoff ]]; then
-        [[ $(handoff_enabled "$NS_F") == 1 ]] || { show_log fe-baton; die "fe baton: BATON_HANDOFF=on but baton_handoff_enabled is not 1"; }
+    if is_handoff_target "$mode"; then
+        [[ $(handoff_enabled "$NS_F") == 1 ]] || { show_log fe-baton; die "fe baton ($mode): BATON_HANDOFF=on but baton_handoff_enabled is not 1"; }
     fi
     log "fe baton up in $mode mode (pid $FE_PID)"
 }
 
 # check_body TARGET SIZE: GET through TARGET from the client and compare with the file;
-# for handoff, the request must have been handed off (not proxied after a fallback).
+# for handoff, the request must have been handed off (not proxied after a fallback). For
+# policy it need not be (a path's first request is proxied and measured by design): what
+# the policy did goes to CHECK_POLICY, for the log.
+CHECK_POLICY=""
 check_body() {
-    local t=$1 s=$2 got url d fb
+    local t=$1 s=$2 got url d fb sk
     url="${TARGET_URL[$t]}/$s"
-    [[ $t == handoff ]] && scrape "$NS_F" "$TMP/check-before.txt"
+    ! is_handoff_target "$t" || scrape "$NS_F" "$TMP/check-before.txt"
     got=$(ip netns exec "$NS_C" curl -s --max-time 10 -o "$TMP/check.body" -w '%{http_code} %{size_download}' "$url") ||
         die "$t: curl $url failed (exit $?)"
     [[ $got == "200 ${SIZE_BYTES[$s]}" ]] || die "$t: GET $url gave status/size '$got', expected '200 ${SIZE_BYTES[$s]}'"
@@ -550,13 +580,19 @@ check_body() {
             show_log be-baton
             die "handoff: GET $url was answered, but not handed off (baton_handoffs_total +$d; fallbacks: ${fb:-none}). Rerun with BATON_LOG=info RAW_DIR=... to see why."
         fi
+    elif [[ $t == policy ]]; then
+        scrape "$NS_F" "$TMP/check-after.txt"
+        d=$(mdelta "$TMP/check-before.txt" "$TMP/check-after.txt" baton_handoffs_total)
+        sk=$(labeled_deltas "$TMP/check-before.txt" "$TMP/check-after.txt" baton_handoff_skipped_total)
+        fb=$(labeled_deltas "$TMP/check-before.txt" "$TMP/check-after.txt" baton_handoff_fallbacks_total)
+        CHECK_POLICY+="${CHECK_POLICY:+, }$s $(if [[ $d == 1 ]]; then echo 'handed off'; else echo "proxied (${sk:+skipped: $sk}${fb:+${sk:+; }fallbacks: $fb})"; fi)"
     fi
 }
 # check_target TARGET: every size through TARGET.
 check_target() {
     local s
     for s in 1k 64k 1m; do check_body "$1" "$s"; done
-    log "$1: OK (bodies of 1k, 64k, 1m verified through it$([[ $1 == handoff ]] && echo ', each handed off'))"
+    log "$1: OK (bodies of 1k, 64k, 1m verified through it$([[ $1 == handoff ]] && echo ', each handed off')$([[ $1 == policy ]] && echo "; size policy, first request of each path: $CHECK_POLICY"))"
 }
 CHECKED=""
 ensure_target() { # start the fe baton in the target's mode and check it once
@@ -639,16 +675,19 @@ run_one() {
     fi
     err=$(wrk_errors "$out")
     [[ -z $err ]] || note "$t $tag, throughput: $err (of $reqs requests)"
-    if [[ $t == handoff ]]; then
+    if is_handoff_target "$t"; then
         m0="$TMP/m-$key-$k-0.txt" m1="$TMP/m-$key-$k-1.txt"
         R[$key:ho:$k]=$(mdelta "$m0" "$m1" baton_handoffs_total)
         R[$key:att:$k]=$(mdelta "$m0" "$m1" baton_handoff_attempts_total)
         R[$key:fb:$k]=$(mdelta "$m0" "$m1" baton_handoff_fallbacks_total)
         R[$key:fbr:$k]=$(labeled_deltas "$m0" "$m1" baton_handoff_fallbacks_total)
+        R[$key:sk:$k]=$(mdelta "$m0" "$m1" baton_handoff_skipped_total)
+        R[$key:skr:$k]=$(labeled_deltas "$m0" "$m1" baton_handoff_skipped_total)
         R[$key:hist:$k]=$(hist "$m0" "$m1")
-        [[ ${R[$key:fb:$k]} == 0 ]] || note "handoff $tag, throughput: ${R[$key:fb:$k]} of ${R[$key:att:$k]} handoff attempts fell back (${R[$key:fbr:$k]})"
+        [[ ${R[$key:fb:$k]} == 0 ]] || note "$t $tag, throughput: ${R[$key:fb:$k]} of ${R[$key:att:$k]} handoff attempts fell back (${R[$key:fbr:$k]})"
+        [[ $t != handoff || ${R[$key:sk:$k]} == 0 ]] || note "handoff $tag, throughput: ${R[$key:sk:$k]} requests skipped by the size policy (${R[$key:skr:$k]}) although BATON_HANDOFF_MIN_BYTES=0"
     fi
-    [[ $t != handoff ]] || check_watch "after the throughput run, $tag"
+    ! is_handoff_target "$t" || check_watch "after the throughput run, $tag"
     sleep 1
     [[ $t == direct ]] || scrape "$NS_F" "$TMP/m-$key-$k-2.txt"
     run_client "$lat" wrk -t1 -c1 -d"${LAT_DURATION}s" --latency "${hdr[@]}" "$url" ||
@@ -666,14 +705,16 @@ run_one() {
     [[ -n $p50 && -n $p99 ]] || { cat "$lat" >&2; die "cannot parse wrk --latency output for $t ($tag)"; }
     err=$(wrk_errors "$lat")
     [[ -z $err ]] || note "$t $tag, latency: $err"
-    if [[ $t == handoff ]]; then
+    if is_handoff_target "$t"; then
         m0="$TMP/m-$key-$k-2.txt" m1="$TMP/m-$key-$k-3.txt"
         R[$key:lho:$k]=$(mdelta "$m0" "$m1" baton_handoffs_total)
         R[$key:lfb:$k]=$(mdelta "$m0" "$m1" baton_handoff_fallbacks_total)
+        R[$key:lsk:$k]=$(mdelta "$m0" "$m1" baton_handoff_skipped_total)
+        R[$key:lskr:$k]=$(labeled_deltas "$m0" "$m1" baton_handoff_skipped_total)
         R[$key:lhist:$k]=$(hist "$m0" "$m1")
-        [[ ${R[$key:lfb:$k]} == 0 ]] || note "handoff $tag, latency run: ${R[$key:lfb:$k]} handoff attempts fell back ($(labeled_deltas "$m0" "$m1" baton_handoff_fallbacks_total))"
+        [[ ${R[$key:lfb:$k]} == 0 ]] || note "$t $tag, latency run: ${R[$key:lfb:$k]} handoff attempts fell back ($(labeled_deltas "$m0" "$m1" baton_handoff_fallbacks_total))"
     fi
-    [[ $t != handoff ]] || check_watch "after the latency run, $tag"
+    ! is_handoff_target "$t" || check_watch "after the latency run, $tag"
     [[ $t == direct ]] || require_alive fe-baton "$FE_PID"
     require_alive be-baton "$BE_PID"
     R[$key:reqs:$k]=$reqs
@@ -683,7 +724,7 @@ run_one() {
     R[$key:p50:$k]=$p50
     R[$key:p99:$k]=$p99
     local extra=""
-    [[ $t != handoff ]] || extra="  handoffs ${R[$key:ho:$k]} (fallbacks ${R[$key:fb:$k]}), p50 $(hist_pct "${R[$key:hist:$k]}" 50), p99 $(hist_pct "${R[$key:hist:$k]}" 99); c=1: p50 $(hist_pct "${R[$key:lhist:$k]}" 50)"
+    ! is_handoff_target "$t" || extra="  handoffs ${R[$key:ho:$k]} (fallbacks ${R[$key:fb:$k]}$([[ $t == policy ]] && echo ", skipped ${R[$key:sk:$k]}")), p50 $(hist_pct "${R[$key:hist:$k]}" 50), p99 $(hist_pct "${R[$key:hist:$k]}" 99); c=1: p50 $(hist_pct "${R[$key:lhist:$k]}" 50)"
     log "$(printf '%-7s %-3s %-9s run %d/%d %9s req/s  p50 %s ms  p99 %s ms  FE CPU %s s/10k' "$t" "$s" "$c" "$k" "$RUNS" \
         "$rps" "$p50" "$p99" "${cpu:--}")$extra"
     sleep 1
@@ -691,14 +732,15 @@ run_one() {
 
 # run_probe TARGET SIZE RUN: PROBES new connections, one at a time at PROBE_RATE/s.
 # R[TARGET:SIZE:probe:METRIC:RUN] = p50, p99 (ms, client-observed first-request latency),
-# err; for handoff also the handoff counts and histogram over the probe.
+# err; for handoff and policy also the handoff (and skipped) counts and histogram over
+# the probe.
 run_probe() {
     local t=$1 s=$2 k=$3 key="$1:$2:probe" out m0 m1 port host n err
     out="$TMP/probe-$t-$s-run$k.txt"
     host=${TARGET_URL[$t]#http://}
     port=${host##*:}
     host=${host%:*}
-    [[ $t != handoff ]] || scrape "$NS_F" "$TMP/m-$key-$k-0.txt"
+    ! is_handoff_target "$t" || scrape "$NS_F" "$TMP/m-$key-$k-0.txt"
     run_client "$out" "$PYTHON" "$TMP/probe.py" "$host" "$port" "/$s" "$PROBES" "$PROBE_RATE" ||
         { cat "$out" >&2; die "probe against $t failed (${SIZE_LABEL[$s]}, run $k/$RUNS)"; }
     n=$(grep -c '^[0-9]' "$out" || true)
@@ -708,17 +750,19 @@ run_probe() {
     R[$key:p50:$k]=$(grep '^[0-9]' "$out" | sort -g | awk '{ v[NR] = $1 } END { printf "%.3f", v[int((NR - 1) * 0.50) + 1] / 1000 }')
     R[$key:p99:$k]=$(grep '^[0-9]' "$out" | sort -g | awk '{ v[NR] = $1 } END { printf "%.3f", v[int((NR - 1) * 0.99) + 1] / 1000 }')
     R[$key:err:$k]=$err
-    if [[ $t == handoff ]]; then
+    if is_handoff_target "$t"; then
         scrape "$NS_F" "$TMP/m-$key-$k-1.txt"
         m0="$TMP/m-$key-$k-0.txt" m1="$TMP/m-$key-$k-1.txt"
         R[$key:ho:$k]=$(mdelta "$m0" "$m1" baton_handoffs_total)
         R[$key:fb:$k]=$(mdelta "$m0" "$m1" baton_handoff_fallbacks_total)
+        R[$key:sk:$k]=$(mdelta "$m0" "$m1" baton_handoff_skipped_total)
+        R[$key:skr:$k]=$(labeled_deltas "$m0" "$m1" baton_handoff_skipped_total)
         R[$key:hist:$k]=$(hist "$m0" "$m1")
-        [[ ${R[$key:fb:$k]} == 0 ]] || note "handoff ${SIZE_LABEL[$s]} run $k/$RUNS, first-request probe: ${R[$key:fb:$k]} handoff attempts fell back ($(labeled_deltas "$m0" "$m1" baton_handoff_fallbacks_total))"
+        [[ ${R[$key:fb:$k]} == 0 ]] || note "$t ${SIZE_LABEL[$s]} run $k/$RUNS, first-request probe: ${R[$key:fb:$k]} handoff attempts fell back ($(labeled_deltas "$m0" "$m1" baton_handoff_fallbacks_total))"
         check_watch "after the first-request probe, ${SIZE_LABEL[$s]}, run $k/$RUNS"
     fi
     log "$(printf '%-7s %-3s probe     run %d/%d  first request p50 %s ms  p99 %s ms (%d ok, %d errors)' "$t" "$s" "$k" "$RUNS" "${R[$key:p50:$k]}" "${R[$key:p99:$k]}" "$n" "$err")$(
-        if [[ $t == handoff ]]; then echo "  handoffs ${R[$key:ho:$k]} (fallbacks ${R[$key:fb:$k]}), p50 $(hist_pct "${R[$key:hist:$k]}" 50), p99 $(hist_pct "${R[$key:hist:$k]}" 99)"; fi)"
+        if is_handoff_target "$t"; then echo "  handoffs ${R[$key:ho:$k]} (fallbacks ${R[$key:fb:$k]}$([[ $t == policy ]] && echo ", skipped ${R[$key:sk:$k]}")), p50 $(hist_pct "${R[$key:hist:$k]}" 50), p99 $(hist_pct "${R[$key:hist:$k]}" 99)"; fi)"
 }
 
 runs_list() { # TARGET SIZE CONN METRIC FORMAT
@@ -764,8 +808,8 @@ for s in $SIZES; do
                 for ((k = 1; k <= RUNS; k++)); do vals+=("${R[$key:$m:$k]:-}"); done
                 R[$key:$m]=$(median "${vals[@]}")
             done
-            if [[ $t == handoff ]]; then
-                for m in ho att fb lho lfb; do
+            if is_handoff_target "$t"; then
+                for m in ho att fb sk lho lfb lsk; do
                     tot=0
                     for ((k = 1; k <= RUNS; k++)); do tot=$((tot + ${R[$key:$m:$k]:-0})); done
                     R[$key:$m]=$tot
@@ -791,8 +835,8 @@ for s in $SIZES; do
             tot=0
             for ((k = 1; k <= RUNS; k++)); do tot=$((tot + ${R[$key:err:$k]:-0})); done
             R[$key:err]=$tot
-            if [[ $t == handoff ]]; then
-                for m in ho fb; do
+            if is_handoff_target "$t"; then
+                for m in ho fb sk; do
                     tot=0
                     for ((k = 1; k <= RUNS; k++)); do tot=$((tot + ${R[$key:$m:$k]:-0})); done
                     R[$key:$m]=$tot
@@ -819,7 +863,7 @@ BE_ACTIVE=$(msum "$TMP/be-metrics-end.txt" baton_handoff_active_connections)
 ((BE_ACTIVE == 0)) || note "be baton still serves $BE_ACTIVE moved connection(s) after the load"
 BE_RESTORED_LEFT=$(nft_count "$NS_B" set restored)
 [[ -z $BE_RESTORED_LEFT || $BE_RESTORED_LEFT == 0 ]] || note "be: $BE_RESTORED_LEFT flow(s) left in the 'restored' set after the load"
-if [[ $FE_MODE == handoff ]]; then
+if is_handoff_target "$FE_MODE"; then
     scrape "$NS_F" "$TMP/fe-metrics-end.txt"
     FE_MOVED_LEFT=$(nft_count "$NS_F" map moved)
     [[ -z $FE_MOVED_LEFT || $FE_MOVED_LEFT == 0 ]] || note "fe: $FE_MOVED_LEFT redirect(s) left in the 'moved' map after the load (close notices missing)"
@@ -962,8 +1006,8 @@ replace_section() {
     echo "- Date: $START_DATE; commit: $commit; baton binary built $BATON_BUILT (sha256 $BATON_SHA…); load took ${ELAPSED}s"
     echo "- Machine: kernel $(uname -r), nproc $(nproc), ${cpu_model:-unknown CPU}; load average at start: $LOADAVG, at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- Tools: $(nginx -v 2>&1 | sed 's/.*: //'), wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }'), $(nft --version 2>/dev/null | head -n1)"
-    echo "- Topology: namespaces client ($C_IP), fe ($FE_IP), be ($BE_IP) on one bridge (veth, $SUBNET.0/24, bridge netfilter off), tcp_congestion_control=reno. be: nginx (1 worker, static files, \`0.0.0.0:$BACKEND_PORT\`) and a baton with \`BATON_HANDOFF=on\`, \`BATON_APP_ADDR=127.0.0.1:$BACKEND_PORT\`; fe: baton \`BATON_ROUTES='*=objects' BATON_STATIC_SERVICES=objects=$BE_IP:$BACKEND_PORT\`, \`BATON_HANDOFF=off\` (proxy) or \`on\` (handoff), restarted between the two (its netdev table is deleted before proxy runs). Both batons \`BATON_WORKERS=1\`, \`BATON_LOG=$LOG_LEVEL\`, \`BATON_HANDOFF_INTERFACE=eth0\`, one shared 32-byte key${extra_env:+ (env: \`${extra_env% }\`)}"
-    echo "- Targets: **direct** = client → be nginx; **proxy** = client → fe baton → be nginx; **handoff** = client → fe baton, which hands the connection to be's baton (be baton ↔ nginx over loopback, responses straight to the client)"
+    echo "- Topology: namespaces client ($C_IP), fe ($FE_IP), be ($BE_IP) on one bridge (veth, $SUBNET.0/24, bridge netfilter off), tcp_congestion_control=reno. be: nginx (1 worker, static files, \`0.0.0.0:$BACKEND_PORT\`) and a baton with \`BATON_HANDOFF=on\`, \`BATON_APP_ADDR=127.0.0.1:$BACKEND_PORT\`; fe: baton \`BATON_ROUTES='*=objects' BATON_STATIC_SERVICES=objects=$BE_IP:$BACKEND_PORT\`, \`BATON_HANDOFF=off\` (proxy) or \`on\` (handoff, policy), restarted whenever the target changes between proxy, handoff and policy (its netdev table is deleted after handoff and policy runs). Both batons \`BATON_WORKERS=1\`, \`BATON_LOG=$LOG_LEVEL\`, \`BATON_HANDOFF_INTERFACE=eth0\`, one shared 32-byte key${extra_env:+ (env: \`${extra_env% }\`)}"
+    echo "- Targets: **direct** = client → be nginx; **proxy** = client → fe baton → be nginx; **handoff** = client → fe baton with \`BATON_HANDOFF_MIN_BYTES=0\` (always, whatever the environment says), which hands every eligible connection to be's baton (be baton ↔ nginx over loopback, responses straight to the client): the mechanism; **policy** = the same fe with the size policy, \`BATON_HANDOFF_MIN_BYTES=${BATON_HANDOFF_MIN_BYTES:-32768}\`$([[ -n ${BATON_HANDOFF_MIN_BYTES:-} ]] || echo ' (unset: the default)'): requests expected to get at least that many bytes are handed off, the rest proxied; a path's first request is proxied and measured, and 1 in 64 of those expected large are proxied again as a sample (the learned sizes start empty at each fe restart, so the warm-up teaches them)"
     echo "- Connections: **keep-alive** = plain wrk (each connection is handed off once, at its first request; later requests go client → fe's ingress hook → be baton); **close** = wrk \`-H 'Connection: close'\` (every request is a new connection, so a new handoff)"
     echo "- CPU pinning: $pinning"
     if ((RUNS == 1)); then
@@ -973,15 +1017,15 @@ replace_section() {
     fi
     echo "- Throughput: \`$WRK_TPUT\`$( ((WARMUP > 0)) && echo " after a ${WARMUP}s untimed warm-up"); **p50/p99 are from a separate latency run** \`$WRK_LAT\` (one connection; wrk measures from writing the request to the end of the response, so connection setup is excluded but the handoff is included; with keep-alive only the connection's first request is handed off)"
     if ((PROBES > 0)); then
-        echo "- First request (probe): $PROBES new connections per run, one at a time, at most $PROBE_RATE/s, each a keep-alive \`GET\` (the client closes the connection after the body) from a small Python client in the client namespace; p50/p99 of the time from \`connect()\` to the last body byte (Python adds a fixed cost to every target alike). For handoff each probe is one uncontended handoff"
+        echo "- First request (probe): $PROBES new connections per run, one at a time, at most $PROBE_RATE/s, each a keep-alive \`GET\` (the client closes the connection after the body) from a small Python client in the client namespace; p50/p99 of the time from \`connect()\` to the last body byte (Python adds a fixed cost to every target alike). For handoff each probe is one uncontended handoff; for policy one too if the size is expected large, else a proxied request"
     fi
-    echo "- FE CPU s / 10k req: the fe baton's utime+stime+cutime+cstime over the throughput run, per 10 000 requests (\`CLK_TCK\`=$CLK_TCK, so one tick is $(awk -v hz="$CLK_TCK" 'BEGIN { printf "%g", 1 / hz }') s). Not included: softirq work of fe's ingress hook forwarding a moved connection's packets, which the kernel charges to whatever process runs when they arrive (mostly wrk). BE baton CPU (handoff table) is the same figure for be's baton, which serves moved connections"
+    echo "- FE CPU s / 10k req: the fe baton's utime+stime+cutime+cstime over the throughput run, per 10 000 requests (\`CLK_TCK\`=$CLK_TCK, so one tick is $(awk -v hz="$CLK_TCK" 'BEGIN { printf "%g", 1 / hz }') s). Not included: softirq work of fe's ingress hook forwarding a moved connection's packets, which the kernel charges to whatever process runs when they arrive (mostly wrk). BE baton CPU (handoffs table) is the same figure for be's baton, which serves moved connections"
     echo "- Handoff latency: \`baton_handoff_duration_seconds\` (fe, freeze → \"go\") bucket deltas over the run; a percentile is shown as the upper bound of the bucket that holds it (buckets 50, 100, 200, 300, 500, 750 µs, 1, 2, 5, 10, 25, 50 ms)"
     for s in $SIZES; do
         echo
         echo "### ${SIZE_LABEL[$s]}"
         echo
-        echo "| connections | target | req/s | p50 ms | p99 ms | FE CPU s / 10k req | req/s vs direct | handoff / proxy |"
+        echo "| connections | target | req/s | p50 ms | p99 ms | FE CPU s / 10k req | req/s vs direct | handoff or policy / proxy |"
         echo "|---|---|---:|---:|---:|---:|---:|---:|"
         for c in $CONN_MODES; do
             for t in $DISPLAY_TARGETS; do
@@ -991,7 +1035,7 @@ replace_section() {
                 [[ $t == direct ]] || cpu=$(fmt "${R[$key:cpu]:-}" '%.4f')
                 vd="–" vp="–"
                 [[ $t == direct ]] || ! has_target direct || vd="$(ratio "${R[$key:rps]}" "${R[direct:$s:$c:rps]}")×"
-                [[ $t != handoff ]] || ! has_target proxy || vp="req/s $(ratio "${R[$key:rps]}" "${R[proxy:$s:$c:rps]}")×, p50 $(ratio "${R[$key:p50]}" "${R[proxy:$s:$c:p50]}")×, CPU $(ratio "${R[$key:cpu]}" "${R[proxy:$s:$c:cpu]}")×"
+                ! is_handoff_target "$t" || ! has_target proxy || vp="req/s $(ratio "${R[$key:rps]}" "${R[proxy:$s:$c:rps]}")×, p50 $(ratio "${R[$key:p50]}" "${R[proxy:$s:$c:p50]}")×, CPU $(ratio "${R[$key:cpu]}" "${R[proxy:$s:$c:cpu]}")×"
                 echo "| ${CONN_LABEL[$c]} | $t | $(fmt "${R[$key:rps]:-}" '%.0f') | $(fmt "${R[$key:p50]:-}" '%.3f') | $(fmt "${R[$key:p99]:-}" '%.3f') | $cpu | $vd | $vp |"
             done
         done
@@ -1000,27 +1044,31 @@ replace_section() {
                 has_target "$t" || continue
                 key="$t:$s:probe"
                 vp="–"
-                [[ $t != handoff ]] || ! has_target proxy || vp="p50 $(ratio "${R[$key:p50]}" "${R[proxy:$s:probe:p50]}")×"
+                ! is_handoff_target "$t" || ! has_target proxy || vp="p50 $(ratio "${R[$key:p50]}" "${R[proxy:$s:probe:p50]}")×"
                 echo "| first request (probe) | $t | – | $(fmt "${R[$key:p50]:-}" '%.3f') | $(fmt "${R[$key:p99]:-}" '%.3f') | – | – | $vp |"
             done
         fi
-        if has_target handoff; then
+        if has_handoff_target; then
             echo
-            echo "| ${SIZE_LABEL[$s]}: handoffs in | handoffs | fallbacks | handoff p50 | handoff p99 | BE baton CPU s / 10k req |"
-            echo "|---|---:|---:|---:|---:|---:|"
-            for c in $CONN_MODES; do
-                key="handoff:$s:$c"
-                # fallback reasons summed over the runs: "socket=19, timeout=120"
-                fbr=$(for ((k = 1; k <= RUNS; k++)); do echo "${R[$key:fbr:$k]:-}"; done | tr ',' '\n' |
-                    awk -F= 'NF == 2 { gsub(/ /, "", $1); if (!($1 in n)) o[++k] = $1; n[$1] += $2 }
-                        END { for (i = 1; i <= k; i++) { s = s sep o[i] "=" n[o[i]]; sep = ", " } print s }')
-                echo "| ${CONN_LABEL[$c]}, throughput runs (c=$WRK_CONNS) | ${R[$key:ho]} | ${R[$key:fb]}${fbr:+ ($fbr)} | $(hist_pct "${R[$key:hist]}" 50) | $(hist_pct "${R[$key:hist]}" 99) | $(fmt "${R[$key:bcpu]:-}" '%.4f') |"
-                echo "| ${CONN_LABEL[$c]}, latency runs (c=1) | ${R[$key:lho]} | ${R[$key:lfb]} | $(hist_pct "${R[$key:lhist]}" 50) | $(hist_pct "${R[$key:lhist]}" 99) | – |"
+            echo "| ${SIZE_LABEL[$s]}: handoffs in | handoffs | fallbacks | skipped (policy) | handoff p50 | handoff p99 | BE baton CPU s / 10k req |"
+            echo "|---|---:|---:|---:|---:|---:|---:|"
+            for t in $DISPLAY_TARGETS; do
+                if ! is_handoff_target "$t" || ! has_target "$t"; then continue; fi
+                for c in $CONN_MODES; do
+                    key="$t:$s:$c"
+                    # reasons summed over the runs: "socket=19, timeout=120", "small=5000"
+                    fbr=$(for ((k = 1; k <= RUNS; k++)); do echo "${R[$key:fbr:$k]:-}"; done | sum_labeled)
+                    skr=$(for ((k = 1; k <= RUNS; k++)); do echo "${R[$key:skr:$k]:-}"; done | sum_labeled)
+                    lskr=$(for ((k = 1; k <= RUNS; k++)); do echo "${R[$key:lskr:$k]:-}"; done | sum_labeled)
+                    echo "| $t, ${CONN_LABEL[$c]}, throughput runs (c=$WRK_CONNS) | ${R[$key:ho]} | ${R[$key:fb]}${fbr:+ ($fbr)} | ${R[$key:sk]}${skr:+ ($skr)} | $(hist_pct "${R[$key:hist]}" 50) | $(hist_pct "${R[$key:hist]}" 99) | $(fmt "${R[$key:bcpu]:-}" '%.4f') |"
+                    echo "| $t, ${CONN_LABEL[$c]}, latency runs (c=1) | ${R[$key:lho]} | ${R[$key:lfb]} | ${R[$key:lsk]}${lskr:+ ($lskr)} | $(hist_pct "${R[$key:lhist]}" 50) | $(hist_pct "${R[$key:lhist]}" 99) | – |"
+                done
+                if ((PROBES > 0)); then
+                    key="$t:$s:probe"
+                    skr=$(for ((k = 1; k <= RUNS; k++)); do echo "${R[$key:skr:$k]:-}"; done | sum_labeled)
+                    echo "| $t, first-request probes | ${R[$key:ho]} | ${R[$key:fb]} | ${R[$key:sk]}${skr:+ ($skr)} | $(hist_pct "${R[$key:hist]}" 50) | $(hist_pct "${R[$key:hist]}" 99) | – |"
+                fi
             done
-            if ((PROBES > 0)); then
-                key="handoff:$s:probe"
-                echo "| first-request probes | ${R[$key:ho]} | ${R[$key:fb]} | $(hist_pct "${R[$key:hist]}" 50) | $(hist_pct "${R[$key:hist]}" 99) | – |"
-            fi
         fi
         if ((RUNS > 1)); then
             echo
@@ -1042,7 +1090,7 @@ replace_section() {
             fi
         fi
     done
-    if has_target handoff; then
+    if has_handoff_target; then
         echo
         echo "be baton over the whole benchmark: $BE_OFFERS offers, refused: ${BE_REFUSED:-none}, aborted: $BE_ABORTED, close notices sent: $BE_CLOSED_SENT; left after the load: fe 'moved' ${FE_MOVED_LEFT:-n/a}, be 'restored' ${BE_RESTORED_LEFT:-n/a}."
     fi
