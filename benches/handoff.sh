@@ -1020,7 +1020,7 @@ replace_section() {
         echo "- First request (probe): $PROBES new connections per run, one at a time, at most $PROBE_RATE/s, each a keep-alive \`GET\` (the client closes the connection after the body) from a small Python client in the client namespace; p50/p99 of the time from \`connect()\` to the last body byte (Python adds a fixed cost to every target alike). For handoff each probe is one uncontended handoff; for policy one too if the size is expected large, else a proxied request"
     fi
     echo "- FE CPU s / 10k req: the fe baton's utime+stime+cutime+cstime over the throughput run, per 10 000 requests (\`CLK_TCK\`=$CLK_TCK, so one tick is $(awk -v hz="$CLK_TCK" 'BEGIN { printf "%g", 1 / hz }') s). Not included: softirq work of fe's ingress hook forwarding a moved connection's packets, which the kernel charges to whatever process runs when they arrive (mostly wrk). BE baton CPU (handoffs table) is the same figure for be's baton, which serves moved connections"
-    echo "- Handoff latency: \`baton_handoff_duration_seconds\` (fe, freeze → \"go\") bucket deltas over the run; a percentile is shown as the upper bound of the bucket that holds it (buckets 50, 100, 200, 300, 500, 750 µs, 1, 2, 5, 10, 25, 50 ms)"
+    echo "- Handoff latency: \`baton_handoff_duration_seconds\` (fe, freeze → \"go\") bucket deltas over the run; a percentile is shown as the upper bound of the bucket that holds it (buckets 50, 100, 150, 200, 250, 300, 400, 500, 750 µs, 1, 2, 5, 10, 25, 50 ms)"
     for s in $SIZES; do
         echo
         echo "### ${SIZE_LABEL[$s]}"

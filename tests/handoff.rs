@@ -809,6 +809,21 @@ fn a_backend_app_killed_mid_response_ends_the_client_connection() {
     assert_eq!(f.metric("fe", "baton_handoffs_total"), 2.0);
 }
 
+/// The backend's application is down when a connection arrives: the backend baton,
+/// which owns the connection after "go", answers it 502 itself and closes.
+#[test]
+fn a_moved_connection_whose_app_is_down_gets_a_502() {
+    let Some(mut f) = Fleet::new() else { return };
+    f.start_be("be1", &[]);
+    f.start_fe_to("be1");
+    let (status, _, _) = f.get("/1k");
+    assert_eq!(status, 200);
+    f.kill_nginx("be1");
+    let got = f.script(json!([["send", get("/1k")], ["read"]]));
+    assert_eq!(got[0]["status"], 502, "{got:?}");
+    assert_eq!(f.metric("fe", "baton_handoffs_total"), 2.0);
+}
+
 /// "go" cannot be written after the switch (the backend reset the control connection
 /// right after "ready"): the frontend does not take the connection back and proxy it,
 /// since "go" might have arrived. The backend that did not get "go" says "closed", and

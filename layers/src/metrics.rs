@@ -91,8 +91,9 @@ pub const LATENCY_BUCKETS: [f64; 14] = [
 ];
 
 /// Upper bounds (seconds) of the handoff latency buckets: microseconds matter there.
-pub const HANDOFF_BUCKETS: [f64; 12] = [
-    0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
+pub const HANDOFF_BUCKETS: [f64; 15] = [
+    0.00005, 0.0001, 0.00015, 0.0002, 0.00025, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.002,
+    0.005, 0.01, 0.025, 0.05,
 ];
 
 /// A fixed-bucket histogram of durations.

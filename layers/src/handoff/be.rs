@@ -167,8 +167,8 @@ impl Handoff {
                             .take(me, &out, from, nonce, offer, go, &waiting, &drain)
                             .await;
                         drop(out);
-                        if let Some((socket, flow, data)) = taken {
-                            this.serve_moved(socket, flow, data, drain).await;
+                        if let Some(taken) = taken {
+                            this.serve_moved(taken, drain).await;
                         }
                     });
                 }
@@ -253,7 +253,7 @@ impl Handoff {
         mut go: oneshot::Receiver<()>,
         waiting: &Waiting,
         drain: &watch::Receiver<bool>,
-    ) -> Option<(socket2::Socket, Flow, Vec<u8>)> {
+    ) -> Option<Taken> {
         let m = self.metrics();
         m.offers.incr();
         let flow = offer.flow();
@@ -287,6 +287,7 @@ impl Handoff {
         if let Some(why) = refusal {
             return refuse(why);
         }
+        let t0 = std::time::Instant::now();
         let socket = match repair::restore(&offer.tcp) {
             Ok(s) => s,
             Err(e) => {
@@ -294,6 +295,7 @@ impl Handoff {
                 return refuse(Refusal::Restore);
             }
         };
+        let t_restore = t0.elapsed();
         if let Err(e) = self.cfg.tables.deliver(flow) {
             tracing::warn!(error = %e, "cannot install local delivery");
             repair::close_silently(&socket);
@@ -308,18 +310,34 @@ impl Handoff {
                 written: None,
             })
             .is_ok();
+        tracing::trace!(restore = ?t_restore, ready = ?t0.elapsed(), "offer phases (from the restore)");
         // "go" is the only permission to serve (see `fe`, "The switch decides who
         // serves"): the FE sends it only after its switch, and once switched never
         // takes the connection back. So a control connection that closes, fails or
         // stays silent means "no go", whether or not the FE switched: before its switch
         // the FE serves, after it nobody does (and the client gets a reset), but never
         // both.
-        let got = queued
-            && match tokio::time::timeout(wait, &mut go).await {
-                Ok(got) => got.is_ok(),
-                // Gave up; unless "go" arrived in the meantime (it is then in `go`).
-                Err(_) => !waiting.forget(nonce) && go.try_recv().is_ok(),
-            };
+        let wait_go = async {
+            queued
+                && match tokio::time::timeout(wait, &mut go).await {
+                    Ok(got) => got.is_ok(),
+                    // Gave up; unless "go" arrived in the meantime (it is then in `go`).
+                    Err(_) => !waiting.forget(nonce) && go.try_recv().is_ok(),
+                }
+        };
+        // The connection to the local application is opened while "go" travels, not
+        // after it: the first response comes a connection setup sooner. Without "go"
+        // it is closed unused.
+        let app = async {
+            match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(self.cfg.app_addr))
+                .await
+            {
+                Ok(Ok(app)) => Ok(app),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".to_string()),
+            }
+        };
+        let (got, app) = tokio::join!(wait_go, app);
         if !got {
             waiting.forget(nonce);
             // Leave no trace. Should the FE have switched, the notice removes its
@@ -333,21 +351,21 @@ impl Handoff {
             return None;
         }
         self.live().insert(flow, notices);
-        Some((socket, flow, offer.data))
+        Some(Taken {
+            socket,
+            flow,
+            data: offer.data,
+            app,
+        })
     }
 
     /// Serves a moved connection: the carried bytes, then everything both ways, between
     /// the client and the local application.
-    async fn serve_moved(
-        self: Arc<Self>,
-        socket: socket2::Socket,
-        flow: Flow,
-        data: Vec<u8>,
-        _drain: watch::Receiver<bool>,
-    ) {
+    async fn serve_moved(self: Arc<Self>, taken: Taken, _drain: watch::Receiver<bool>) {
+        let flow = taken.flow;
         {
             let _active = self.metrics().active.track();
-            self.relay(socket, flow, &data).await;
+            self.relay(taken).await;
         }
         if !self.diag.load(Ordering::Acquire) {
             // No destruction notices: forget the flow once its socket has surely gone.
@@ -356,7 +374,13 @@ impl Handoff {
         }
     }
 
-    async fn relay(&self, socket: socket2::Socket, flow: Flow, data: &[u8]) {
+    async fn relay(&self, taken: Taken) {
+        let Taken {
+            socket,
+            flow,
+            data,
+            app,
+        } = taken;
         let std: std::net::TcpStream = socket.into();
         let mut client = match TcpStream::from_std(std) {
             Ok(c) => c,
@@ -365,14 +389,9 @@ impl Handoff {
                 return;
             }
         };
-        let app = tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(self.cfg.app_addr));
-        let mut app = match app.await {
-            Ok(Ok(app)) => app,
-            failed => {
-                let error = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "timed out".into(),
-                };
+        let mut app = match app {
+            Ok(app) => app,
+            Err(error) => {
                 tracing::warn!(app = %self.cfg.app_addr, %error, "local application unreachable for a moved connection");
                 let _ = client.write_all(BAD_GATEWAY).await;
                 let _ = client.shutdown().await;
@@ -381,7 +400,7 @@ impl Handoff {
         };
         let _ = app.set_nodelay(true);
         let metrics = ForwardMetrics::default();
-        match tcp::forward(&mut client, data, &mut app, &metrics).await {
+        match tcp::forward(&mut client, &data, &mut app, &metrics).await {
             Ok((up, down)) => {
                 tracing::debug!(client = %flow.client, to_app = up, to_client = down, "moved connection done")
             }
@@ -581,6 +600,15 @@ impl Waiting {
     fn close(&self) {
         self.lock().take();
     }
+}
+
+/// A moved connection the BE got "go" for: the restored socket, the bytes the FE
+/// carried, and the connection to the local application (or why there is none).
+struct Taken {
+    socket: socket2::Socket,
+    flow: Flow,
+    data: Vec<u8>,
+    app: Result<TcpStream, String>,
 }
 
 const BAD_GATEWAY: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 31\r\nconnection: close\r\nx-baton-error: upstream-refused\r\n\r\nlocal application unreachable\r\n";
