@@ -304,10 +304,11 @@ impl Handoff {
         // Restored and reachable: say so, then write nothing before "go".
         let ready = wire::encode(&self.cfg.key, &wire::envelope(Message::Ready(nonce)));
         let wait = Duration::from_millis(2 * u64::from(timeout_ms)) + GO_GRACE;
+        let (written, on_wire) = oneshot::channel();
         let queued = out
             .send(Outgoing {
                 frame: ready,
-                written: None,
+                written: Some(written),
             })
             .is_ok();
         tracing::trace!(restore = ?t_restore, ready = ?t0.elapsed(), "offer phases (from the restore)");
@@ -327,8 +328,10 @@ impl Handoff {
         };
         // The connection to the local application is opened while "go" travels, not
         // after it: the first response comes a connection setup sooner. Without "go"
-        // it is closed unused.
+        // it is closed unused. It starts once "ready" is on the wire, which it must
+        // not delay.
         let app = async {
+            let _ = on_wire.await;
             match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(self.cfg.app_addr))
                 .await
             {
