@@ -2,9 +2,10 @@
 //! (`BATON_HANDOFF_MIN_BYTES`).
 //!
 //! A handoff costs a freeze, a round trip to the BE and a restore before the first
-//! response byte; what it saves is the FE's share of carrying the response. For small
-//! responses the cost wins: a 1 KiB first request took 1.3x as long handed off as
-//! proxied, a 64 KiB one 0.8x (benches/RESULTS.md, "Handoff mode"). So the FE hands
+//! response byte; what it saves is the FE's share of carrying the response, which
+//! grows with the response. For small responses the cost wins: a 1 KiB first request
+//! took 1.1-1.3x as long handed off as proxied, for a keep-alive throughput gain of
+//! only 1.05x (1.6x at 1 MiB; benches/RESULTS.md, "Handoff mode"). So the FE hands
 //! off only requests whose response it expects to be at least `min` bytes, and learns
 //! what to expect from the responses it proxies:
 //!
