@@ -365,12 +365,9 @@ async fn read_all(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-const MALFORMED: &[u8] = b"GET /bad HTTP/1.1\r\nHost: web\r\nthis line has no colon\r\n\r\n";
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_malformed_second_request_after_a_park_gets_batons_400() {
-    let (up, seen) = raw_upstream().await;
-    let baton = baton(up, "50ms").await;
+/// A keep-alive connection to `baton` whose first request (`GET /a`) was answered, and
+/// its client address as baton logs it.
+async fn first_request(baton: &Baton) -> (TcpStream, String) {
     let mut s = TcpStream::connect(baton.addr).await.unwrap();
     let client = s.local_addr().unwrap().to_string();
     s.write_all(b"GET /a HTTP/1.1\r\nHost: web\r\n\r\n")
@@ -379,6 +376,16 @@ async fn a_malformed_second_request_after_a_park_gets_batons_400() {
     let mut buf = Vec::new();
     let first = read_response(&mut s, &mut buf, Duration::from_secs(5)).await;
     assert_eq!(first.as_deref(), Some("/a"));
+    (s, client)
+}
+
+const MALFORMED: &[u8] = b"GET /bad HTTP/1.1\r\nHost: web\r\nthis line has no colon\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_second_request_after_a_park_gets_batons_400() {
+    let (up, seen) = raw_upstream().await;
+    let baton = baton(up, "50ms").await;
+    let (mut s, client) = first_request(&baton).await;
     // The keep-alive connection parks; its next head is checked by baton.
     wait_metric(&baton, "baton_idle_parks_total", 1.0).await;
     s.write_all(MALFORMED).await.unwrap();
@@ -405,14 +412,7 @@ async fn a_malformed_second_request_on_a_live_connection_is_counted_and_logged()
     let (up, seen) = raw_upstream().await;
     // Never parked during the test: hyper reads the second head itself.
     let baton = baton(up, "30s").await;
-    let mut s = TcpStream::connect(baton.addr).await.unwrap();
-    let client = s.local_addr().unwrap().to_string();
-    s.write_all(b"GET /a HTTP/1.1\r\nHost: web\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    let first = read_response(&mut s, &mut buf, Duration::from_secs(5)).await;
-    assert_eq!(first.as_deref(), Some("/a"));
+    let (mut s, client) = first_request(&baton).await;
     s.write_all(MALFORMED).await.unwrap();
     let text = read_all(&mut s).await;
     assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
