@@ -202,6 +202,7 @@ async fn start_handoff(
             peer_nets: nets,
             services: settings.routes.clone(),
             app_addr: settings.app_addr,
+            app_pass: settings.app_pass.clone(),
             min_bytes: settings.min_bytes,
             tables: table,
         },

@@ -212,6 +212,9 @@ vars! {
     BATON_HANDOFF_FLOW_TTL = DEFAULT_HANDOFF_FLOW_TTL: "1h";
     /// The local application moved connections are served from.
     BATON_APP_ADDR = DEFAULT_APP_ADDR: "127.0.0.1:8080";
+    /// Unix socket of a handoff-aware local application that takes moved
+    /// connections' sockets (empty: relay them to BATON_APP_ADDR).
+    BATON_APP_PASS = DEFAULT_APP_PASS: "";
 }
 
 /// How the inbound listener learns a connection's original destination.
@@ -426,6 +429,8 @@ pub struct HandoffSettings {
     pub flow_ttl: Duration,
     /// The local application.
     pub app_addr: SocketAddr,
+    /// The handoff-aware application's Unix socket, if any.
+    pub app_pass: Option<PathBuf>,
 }
 
 fn display_list<T: fmt::Display, S: Serializer>(
@@ -652,6 +657,18 @@ fn handoff_settings<S: Strings>(
         DEFAULT_APP_ADDR,
         parse_from::<SocketAddr>("expected IP:PORT, e.g. 127.0.0.1:8080"),
     );
+    let app_pass = p.var(BATON_APP_PASS, DEFAULT_APP_PASS, |s| {
+        if s.is_empty() {
+            Ok(None)
+        } else if s.len() >= 108 {
+            // sun_path holds 108 bytes with the terminating NUL.
+            Err("expected a Unix socket path shorter than 108 bytes".into())
+        } else if !s.starts_with('/') {
+            Err("expected an absolute path to a Unix socket, e.g. /run/baton/app.sock".into())
+        } else {
+            Ok(Some(PathBuf::from(s)))
+        }
+    });
     let key_file = p
         .raw(BATON_HANDOFF_KEY_FILE)
         .map(|s| PathBuf::from(s.trim()));
@@ -697,6 +714,7 @@ fn handoff_settings<S: Strings>(
         fe_cidrs: fe_cidrs?,
         flow_ttl: flow_ttl?,
         app_addr: app_addr?,
+        app_pass: app_pass?,
     }))
 }
 
@@ -1528,6 +1546,10 @@ mod tests {
         assert_eq!(h.timeout, Duration::from_millis(50));
         assert_eq!(h.port, 15010);
         assert!(h.routes.is_none() && h.fe_cidrs.is_none() && h.interface.is_none());
+        assert!(
+            h.app_pass.is_none(),
+            "moved connections are relayed by default"
+        );
         let json = c.to_json();
         assert_eq!(json["handoff"]["key_file"], key_path);
         assert!(
@@ -1540,6 +1562,7 @@ mod tests {
             (BATON_HANDOFF_ROUTES, "objects,media"),
             (BATON_HANDOFF_TIMEOUT, "1m"),
             (BATON_HANDOFF_INTERFACE, "eth0\"; flush"),
+            (BATON_APP_PASS, "run/app.sock"),
         ]);
         let err = parse(&bad).unwrap_err();
         let names: Vec<_> = err.0.iter().map(|e| e.name).collect();
@@ -1548,9 +1571,22 @@ mod tests {
             [
                 BATON_HANDOFF_ROUTES,
                 BATON_HANDOFF_TIMEOUT,
-                BATON_HANDOFF_INTERFACE
+                BATON_HANDOFF_INTERFACE,
+                BATON_APP_PASS
             ]
         );
+        assert!(err.to_string().contains("absolute path"));
+        let mut pass = base.to_vec();
+        pass.push((BATON_APP_PASS, "/run/baton/app.sock"));
+        let c = parse(&pass).unwrap();
+        assert_eq!(
+            c.handoff.unwrap().app_pass.as_deref(),
+            Some(std::path::Path::new("/run/baton/app.sock"))
+        );
+        let long = format!("/{}", "x".repeat(120));
+        let mut pass = base.to_vec();
+        pass.push((BATON_APP_PASS, &long));
+        assert!(parse(&pass).unwrap_err().to_string().contains("108 bytes"));
         assert!(err.to_string().contains("\"media\" is not routed"));
         // Off: nothing is required, but bad values are still reported.
         assert!(parse(&[]).unwrap().handoff.is_none());

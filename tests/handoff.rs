@@ -21,6 +21,7 @@ use std::{
 use support::netns::Testbed;
 
 const BATON: &str = env!("CARGO_BIN_EXE_baton");
+const PASS_APP: &str = env!("CARGO_BIN_EXE_baton-pass-app");
 const MIB: usize = 1 << 20;
 const KIB256: usize = 256 << 10;
 
@@ -134,6 +135,32 @@ http {{
         );
         self.nginx.push((be, pid));
         self.bed.wait_200(be, "http://127.0.0.1:8080/1k");
+    }
+
+    /// Starts the handoff-aware application on `be`: it serves the same files on
+    /// :9090 and takes passed connections on the returned socket path, answering as
+    /// `{be}-pass`. Its PID.
+    fn start_pass_app(&self, be: &str) -> (PathBuf, u32) {
+        let path = self.dir.join(format!("{be}-app.sock"));
+        let www = self.dir.join("www");
+        let name = format!("{be}-pass");
+        let pid = self.bed.spawn(
+            be,
+            &[
+                PASS_APP,
+                "--root",
+                www.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:9090",
+                "--pass",
+                path.to_str().unwrap(),
+                "--name",
+                &name,
+            ],
+            &[],
+        );
+        self.bed.wait_200(be, "http://127.0.0.1:9090/1k");
+        (path, pid)
     }
 
     fn env(&self, extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
@@ -822,6 +849,64 @@ fn a_moved_connection_whose_app_is_down_gets_a_502() {
     let got = f.script(json!([["send", get("/1k")], ["read"]]));
     assert_eq!(got[0]["status"], 502, "{got:?}");
     assert_eq!(f.metric("fe", "baton_handoffs_total"), 2.0);
+}
+
+/// A handoff-aware application (`BATON_APP_PASS`) gets the client's socket itself:
+/// the moved connection's requests are answered by it, not relayed by be1's baton
+/// (nginx, the relay's application, would say `be1`); with the application gone, the
+/// next moved connection is relayed to nginx instead, and the client cannot tell.
+#[test]
+fn a_handoff_aware_application_takes_the_socket_and_the_backend_baton_leaves_the_path() {
+    let Some(mut f) = Fleet::new() else { return };
+    let (sock, app) = f.start_pass_app("be1");
+    f.start_be("be1", &[("BATON_APP_PASS", sock.display().to_string())]);
+    f.start_fe_to("be1");
+    let (got, sent) = f.fe_sent(|| {
+        f.script(json!([
+            ["send", get("/1m")],
+            ["read"],
+            ["send", get("/1m")],
+            ["read"],
+            ["send", format!("{}{}", get("/1k"), get("/256k"))],
+            ["read"],
+            ["read"]
+        ]))
+    });
+    let lens = [MIB, MIB, 1024, KIB256];
+    assert_eq!(got.len(), lens.len(), "{got:?}");
+    for (r, len) in got.iter().zip(lens) {
+        assert_eq!(r["status"], 200, "{got:?}\nbe1 log:\n{}", f.log("be1"));
+        assert_eq!(r["by"], "be1-pass", "served by the application: {got:?}");
+        assert_eq!(r["sha"], sha256(&content(len)), "{len} bytes intact");
+    }
+    f.assert_skipped_fe(sent, 2 * MIB + KIB256, "passed connection");
+    assert_eq!(f.metric("fe", "baton_handoffs_total"), 1.0);
+    assert_eq!(f.metric("be1", "baton_handoff_passed_total"), 1.0);
+    assert_eq!(f.metric("be1", "baton_handoff_pass_fallbacks_total"), 0.0);
+    // The socket lives in the application, so be1's baton serves nothing.
+    assert_eq!(f.metric("be1", "baton_handoff_active_connections"), 0.0);
+    // Closed by the client, the connection's entries go (sock_diag sees the
+    // application's socket end).
+    let clean = eventually(Duration::from_secs(10), || {
+        f.elements("fe", "moved") == 0 && f.elements("be1", "restored") == 0
+    });
+    assert!(clean, "entries left after a passed connection closed");
+
+    let _ = Command::new("kill").args(["-9", &app.to_string()]).status();
+    let got = f.script(json!([
+        ["send", get("/1m")],
+        ["read"],
+        ["send", get("/1k")],
+        ["read"]
+    ]));
+    for r in &got {
+        assert_eq!(r["status"], 200, "{got:?}");
+        assert_eq!(r["by"], "be1", "relayed to nginx: {got:?}");
+    }
+    assert_eq!(got.len(), 2);
+    assert_eq!(f.metric("fe", "baton_handoffs_total"), 2.0);
+    assert_eq!(f.metric("be1", "baton_handoff_passed_total"), 1.0);
+    assert_eq!(f.metric("be1", "baton_handoff_pass_fallbacks_total"), 1.0);
 }
 
 /// "go" cannot be written after the switch (the backend reset the control connection

@@ -47,6 +47,7 @@ pub mod control;
 pub mod diag;
 pub mod fe;
 pub mod nft;
+pub mod pass;
 pub mod policy;
 pub mod repair;
 pub mod tables;
@@ -82,6 +83,9 @@ pub struct HandoffConfig {
     pub services: Option<Vec<Arc<str>>>,
     /// The BE's local application (`BATON_APP_ADDR`).
     pub app_addr: SocketAddr,
+    /// The handoff-aware application moved connections are passed to
+    /// (`BATON_APP_PASS`; `None`: relay them to `app_addr`).
+    pub app_pass: Option<std::path::PathBuf>,
     /// FE: the smallest expected response worth a handoff
     /// (`BATON_HANDOFF_MIN_BYTES`; 0: every eligible request).
     pub min_bytes: u64,
@@ -201,6 +205,7 @@ impl Handoff {
             peer_nets: vec!["127.0.0.0/8".parse().expect("a network")],
             services: None,
             app_addr: "127.0.0.1:8080".parse().expect("an address"),
+            app_pass: None,
             min_bytes: 0,
             tables: nft::Tables::new(
                 "baton-unit-test-absent",

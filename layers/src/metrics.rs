@@ -229,6 +229,10 @@ pub struct HandoffMetrics {
     pub aborted: Counter,
     /// BE: moved connections being served now.
     pub active: Gauge,
+    /// BE: moved connections passed to the handoff-aware application.
+    pub passed: Counter,
+    /// BE: moved connections the handoff-aware application did not take (relayed).
+    pub pass_fallbacks: Counter,
     /// "Closed" notices (BE sent, FE applied).
     pub closed_sent: Counter,
     /// FE: redirects removed on a BE's notice.
@@ -279,6 +283,8 @@ impl Default for HandoffMetrics {
             refused: Labeled::new("reason", REFUSAL_REASONS),
             aborted: Counter::default(),
             active: Gauge::default(),
+            passed: Counter::default(),
+            pass_fallbacks: Counter::default(),
             closed_sent: Counter::default(),
             closed_applied: Counter::default(),
             notices_ignored: Counter::default(),
@@ -364,6 +370,18 @@ impl HandoffMetrics {
             "baton_handoff_active_connections",
             "Moved connections this baton serves now.",
             self.active.get(),
+        );
+        counter(
+            out,
+            "baton_handoff_passed_total",
+            "Moved connections passed to the handoff-aware application (BATON_APP_PASS), which serves them without this baton.",
+            self.passed.get(),
+        );
+        counter(
+            out,
+            "baton_handoff_pass_fallbacks_total",
+            "Moved connections the handoff-aware application did not take (not listening, refused, too slow); this baton relayed them to BATON_APP_ADDR.",
+            self.pass_fallbacks.get(),
         );
         counter(
             out,

@@ -78,6 +78,16 @@ impl Pipe {
     }
 }
 
+/// Takes ownership of descriptors that arrived with a received message
+/// (`SCM_RIGHTS`, as `recvmsg` reports them), so that each is closed exactly once.
+pub fn received_fds(fds: Vec<RawFd>) -> Vec<OwnedFd> {
+    fds.into_iter()
+        // SAFETY: the kernel installed each of these in this process for the message
+        // just received; nothing else refers to them yet.
+        .map(|raw| unsafe { OwnedFd::from_raw_fd(raw) })
+        .collect()
+}
+
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: null offsets are allowed for pipes and sockets; the descriptors are
     // borrowed for the duration of the call and invalid ones only produce EBADF.

@@ -10,7 +10,7 @@
 
 use super::{
     control::{self, FrameReader, Outgoing, Writer},
-    diag, repair,
+    diag, pass, repair,
     wire::{self, Flow, Message, Offer, Refusal},
     Handoff, Notices, ReadError,
 };
@@ -18,6 +18,7 @@ use crate::proxy::tcp::{self, ForwardMetrics};
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr, SocketAddrV4},
+    os::fd::AsFd,
     sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
@@ -332,13 +333,7 @@ impl Handoff {
         // not delay.
         let app = async {
             let _ = on_wire.await;
-            match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(self.cfg.app_addr))
-                .await
-            {
-                Ok(Ok(app)) => Ok(app),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("timed out".to_string()),
-            }
+            self.open_app().await
         };
         let (got, app) = tokio::join!(wait_go, app);
         if !got {
@@ -366,30 +361,77 @@ impl Handoff {
     /// the client and the local application.
     async fn serve_moved(self: Arc<Self>, taken: Taken, _drain: watch::Receiver<bool>) {
         let flow = taken.flow;
-        {
+        let passed = {
             let _active = self.metrics().active.track();
-            self.relay(taken).await;
-        }
-        if !self.diag.load(Ordering::Acquire) {
+            self.relay(taken).await
+        };
+        if !passed && !self.diag.load(Ordering::Acquire) {
             // No destruction notices: forget the flow once its socket has surely gone.
+            // (A passed connection lives on in the application: [`Handoff::refresh`]
+            // sweeps it once its socket is gone.)
             tokio::time::sleep(FORGET_AFTER).await;
             self.destroyed(flow).await;
         }
     }
 
-    async fn relay(&self, taken: Taken) {
+    /// The connection to the local application for a moved connection: the
+    /// handoff-aware application's Unix socket when there is one and it answers, else
+    /// its TCP address.
+    async fn open_app(&self) -> Result<App, String> {
+        if let Some(path) = &self.cfg.app_pass {
+            match pass::connect(path).await {
+                Ok(conn) => return Ok(App::Pass(conn)),
+                Err(error) => self.pass_failed(&error),
+            }
+        }
+        self.connect_app().await.map(App::Tcp)
+    }
+
+    async fn connect_app(&self) -> Result<TcpStream, String> {
+        match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(self.cfg.app_addr)).await
+        {
+            Ok(Ok(app)) => Ok(app),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".to_string()),
+        }
+    }
+
+    fn pass_failed(&self, error: &std::io::Error) {
+        self.metrics().pass_fallbacks.incr();
+        tracing::debug!(%error, "cannot pass a moved connection to the application; relaying it");
+    }
+
+    /// Serves a moved connection: passes it to the handoff-aware application, or
+    /// relays the carried bytes, then everything both ways, between the client and
+    /// the local application. Whether it was passed.
+    async fn relay(&self, taken: Taken) -> bool {
         let Taken {
             socket,
             flow,
             data,
             app,
         } = taken;
+        let app = match app {
+            Ok(App::Pass(mut conn)) => match pass::give(&mut conn, socket.as_fd(), &data).await {
+                Ok(()) => {
+                    self.metrics().passed.incr();
+                    tracing::debug!(client = %flow.client, "moved connection passed to the application");
+                    return true;
+                }
+                Err(error) => {
+                    self.pass_failed(&error);
+                    self.connect_app().await
+                }
+            },
+            Ok(App::Tcp(app)) => Ok(app),
+            Err(error) => Err(error),
+        };
         let std: std::net::TcpStream = socket.into();
         let mut client = match TcpStream::from_std(std) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot register a restored socket");
-                return;
+                return false;
             }
         };
         let mut app = match app {
@@ -398,7 +440,7 @@ impl Handoff {
                 tracing::warn!(app = %self.cfg.app_addr, %error, "local application unreachable for a moved connection");
                 let _ = client.write_all(BAD_GATEWAY).await;
                 let _ = client.shutdown().await;
-                return;
+                return false;
             }
         };
         let _ = app.set_nodelay(true);
@@ -409,6 +451,7 @@ impl Handoff {
             }
             Err(e) => tracing::debug!(client = %flow.client, error = %e, "moved connection ended"),
         }
+        false
     }
 
     /// Whether `flow` is a moved connection this BE serves.
@@ -611,7 +654,15 @@ struct Taken {
     socket: socket2::Socket,
     flow: Flow,
     data: Vec<u8>,
-    app: Result<TcpStream, String>,
+    app: Result<App, String>,
+}
+
+/// The connection to the local application for a moved connection.
+enum App {
+    /// Its TCP address: the BE relays.
+    Tcp(TcpStream),
+    /// A handoff-aware application's Unix socket: the BE passes the connection.
+    Pass(tokio::net::UnixStream),
 }
 
 const BAD_GATEWAY: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 31\r\nconnection: close\r\nx-baton-error: upstream-refused\r\n\r\nlocal application unreachable\r\n";

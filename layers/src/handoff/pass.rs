@@ -1,0 +1,322 @@
+//! Passing a moved connection to a handoff-aware application (`BATON_APP_PASS`).
+//!
+//! By default a BE relays a moved connection to its local application over loopback
+//! TCP, so every response still crosses two TCP stacks on the backend. An application
+//! that can take a connected socket (as Prism's backends do) can have the client's
+//! socket itself: the BE sends it, with the bytes already read from it, over a Unix
+//! socket (`SCM_RIGHTS`), and leaves the data path as the FE did. If the application
+//! is not listening, refuses, or does not answer within [`GIVE_TIMEOUT`], the BE relays
+//! to `BATON_APP_ADDR` as before: the client cannot tell.
+//!
+//! The protocol, for applications in any language, one Unix stream connection per
+//! passed socket, opened by baton:
+//!
+//! ```text
+//! baton -> app   "BTP1" | prefix length (u32, big endian) | prefix bytes
+//!                the socket travels as SCM_RIGHTS on the first bytes of the message
+//! app -> baton   "+"    the app owns the socket now; baton closes its copy
+//! ```
+//!
+//! The prefix is what the client sent that the FE already read (the first request,
+//! and any pipelined bytes behind it): the application must handle it as the start of
+//! the stream, then read the socket. The application acknowledges before it writes
+//! anything, and closes the Unix connection without "+" to refuse (baton then serves
+//! the connection). The socket is non-blocking (its file status is shared), the
+//! client is its peer address and the address the client dialled its local one.
+//! baton keeps watching the connection (sock_diag) to remove its kernel entries when
+//! the application closes it. [`PassListener`] is the application side in Rust.
+
+use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+use std::{
+    io::{self, IoSlice, IoSliceMut},
+    os::fd::{AsRawFd, BorrowedFd, OwnedFd},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, Interest},
+    net::{UnixListener, UnixStream},
+};
+
+/// The message's first bytes.
+pub const MAGIC: [u8; 4] = *b"BTP1";
+/// The application's acknowledgement.
+pub const ACK: u8 = b'+';
+/// The largest prefix a receiver accepts.
+pub const MAX_PREFIX: usize = 1 << 20;
+/// How long the BE waits for the application to connect and acknowledge.
+pub const GIVE_TIMEOUT: Duration = Duration::from_millis(500);
+
+const HEADER: usize = MAGIC.len() + 4;
+
+/// Opens the Unix connection to the application at `path`.
+pub async fn connect(path: &Path) -> io::Result<UnixStream> {
+    tokio::time::timeout(GIVE_TIMEOUT, UnixStream::connect(path))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// Gives `socket` and `prefix` to the application on `conn`; `Ok` once it
+/// acknowledged, after which it owns the connection and the caller closes its copy.
+/// Any error means the application does not have it (it never acknowledged).
+pub async fn give(conn: &mut UnixStream, socket: BorrowedFd<'_>, prefix: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(prefix.len())
+        .ok()
+        .filter(|&n| n as usize <= MAX_PREFIX)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "prefix too long"))?;
+    let mut header = [0u8; HEADER];
+    header[..4].copy_from_slice(&MAGIC);
+    header[4..].copy_from_slice(&len.to_be_bytes());
+    tokio::time::timeout(GIVE_TIMEOUT, async {
+        let fds = [socket.as_raw_fd()];
+        let sent = loop {
+            conn.writable().await?;
+            let iov = [IoSlice::new(&header), IoSlice::new(prefix)];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            match conn.try_io(Interest::WRITABLE, || {
+                socket::sendmsg::<()>(conn.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
+                    .map_err(io::Error::from)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        // The socket went with the first bytes; the rest is plain data.
+        if sent < HEADER {
+            conn.write_all(&header[sent..]).await?;
+            conn.write_all(prefix).await?;
+        } else {
+            conn.write_all(&prefix[sent - HEADER..]).await?;
+        }
+        let mut ack = [0u8; 1];
+        match conn.read(&mut ack).await? {
+            1 if ack[0] == ACK => Ok(()),
+            0 => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the application refused the connection",
+            )),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the application answered neither \"+\" nor nothing",
+            )),
+        }
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no acknowledgement"))?
+}
+
+/// A connection baton passed: the client's socket and the bytes to handle before
+/// reading it.
+#[derive(Debug)]
+pub struct Passed {
+    /// The client's connection (non-blocking).
+    pub stream: std::net::TcpStream,
+    /// What the client sent that was read before the handoff.
+    pub prefix: Vec<u8>,
+}
+
+/// The application side: where baton passes moved connections.
+#[derive(Debug)]
+pub struct PassListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl PassListener {
+    /// Listens at `path`, replacing a stale socket file left by an earlier run.
+    pub fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        let path = path.as_ref().to_path_buf();
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(Self {
+            listener: UnixListener::bind(&path)?,
+            path,
+        })
+    }
+
+    /// The next offer from baton; [`Incoming::take`] receives its connection (run it
+    /// on its own task, so that one slow offer does not hold up the others).
+    pub async fn accept(&self) -> io::Result<Incoming> {
+        let (conn, _) = self.listener.accept().await?;
+        Ok(Incoming { conn })
+    }
+
+    /// The path listened at.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// One offer from baton, not yet read.
+#[derive(Debug)]
+pub struct Incoming {
+    conn: UnixStream,
+}
+
+impl Incoming {
+    /// Reads the offer, checks that it carries a TCP socket, and acknowledges it.
+    pub async fn take(mut self) -> io::Result<Passed> {
+        let mut header = [0u8; HEADER];
+        let mut got = 0;
+        let mut socket = None;
+        while got < HEADER {
+            let (n, fd) = self.recv(&mut header[got..]).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            got += n;
+            socket = socket.or(fd);
+        }
+        if header[..4] != MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a baton offer",
+            ));
+        }
+        let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        if len > MAX_PREFIX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "prefix too long",
+            ));
+        }
+        let mut prefix = vec![0u8; len];
+        self.conn.read_exact(&mut prefix).await?;
+        let socket = socket.ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "the offer carried no socket")
+        })?;
+        let socket = socket2::Socket::from(socket);
+        if socket.r#type()? != socket2::Type::STREAM || socket.peer_addr()?.as_socket().is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the offer's socket is not a connected TCP socket",
+            ));
+        }
+        self.conn.write_all(&[ACK]).await?;
+        Ok(Passed {
+            stream: socket.into(),
+            prefix,
+        })
+    }
+
+    /// Reads into `buf` with the descriptor that came along, if any (extra ones are
+    /// closed).
+    async fn recv(&mut self, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+        loop {
+            self.conn.readable().await?;
+            let fd = self.conn.as_raw_fd();
+            let got = self.conn.try_io(Interest::READABLE, || {
+                let mut iov = [IoSliceMut::new(buf)];
+                let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+                let msg = socket::recvmsg::<()>(
+                    fd,
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                )
+                .map_err(io::Error::from)?;
+                let mut first = None;
+                for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                        for owned in crate::sys::received_fds(fds) {
+                            // Extra descriptors close when dropped here.
+                            first = first.or(Some(owned));
+                        }
+                    }
+                }
+                Ok((msg.bytes, first))
+            });
+            match got {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+
+    /// Whether `a` and `b` are the same connection.
+    fn same_socket(a: BorrowedFd<'_>, b: &std::net::TcpStream) -> bool {
+        let (a, b) = (socket2::SockRef::from(&a), socket2::SockRef::from(b));
+        matches!((a.local_addr(), b.local_addr()), (Ok(x), Ok(y)) if x.as_socket() == y.as_socket())
+            && matches!((a.peer_addr(), b.peer_addr()), (Ok(x), Ok(y)) if x.as_socket() == y.as_socket())
+    }
+
+    #[tokio::test]
+    async fn a_socket_and_its_prefix_reach_the_application_which_then_owns_it() {
+        let dir = std::env::temp_dir().join(format!("baton-pass-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.sock");
+        let app = PassListener::bind(&path).unwrap();
+        // A TCP connection whose server side is what baton gives away.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        let taker = tokio::spawn(async move { app.accept().await.unwrap().take().await });
+        let mut conn = connect(&path).await.unwrap();
+        give(&mut conn, server.as_fd(), b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let passed = taker.await.unwrap().unwrap();
+        assert_eq!(passed.prefix, b"GET / HTTP/1.1\r\n\r\n");
+        assert!(same_socket(server.as_fd(), &passed.stream));
+        drop(server);
+        // baton's copy is closed; the application's still talks to the client.
+        let mut stream = passed.stream;
+        stream.set_nonblocking(false).unwrap();
+        stream.write_all(b"from the app").unwrap();
+        drop(stream);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"from the app");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_application_that_closes_without_acknowledging_has_refused() {
+        let dir = std::env::temp_dir().join(format!("baton-pass-refuse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.sock");
+        let app = PassListener::bind(&path).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        let refuser = tokio::spawn(async move {
+            let Incoming { mut conn } = app.accept().await.unwrap();
+            // Reads the whole offer (header and the one-byte prefix), then closes.
+            let mut b = [0u8; HEADER + 1];
+            conn.read_exact(&mut b).await.unwrap();
+        });
+        let mut conn = connect(&path).await.unwrap();
+        let err = give(&mut conn, server.as_fd(), b"x").await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted, "{err}");
+        refuser.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_offer_without_a_socket_is_rejected_by_the_receiver() {
+        let dir = std::env::temp_dir().join(format!("baton-pass-nofd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.sock");
+        let app = PassListener::bind(&path).unwrap();
+        let taker = tokio::spawn(async move { app.accept().await.unwrap().take().await });
+        let mut conn = connect(&path).await.unwrap();
+        conn.write_all(b"BTP1\0\0\0\x01x").await.unwrap();
+        let err = taker.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        let mut ack = [0u8; 1];
+        assert_eq!(conn.read(&mut ack).await.unwrap(), 0, "no acknowledgement");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
