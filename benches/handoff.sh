@@ -21,6 +21,11 @@
 #                     path's first request is proxied and measured; 1 in 64 expected-large
 #                     ones are proxied again as a sample). The learned sizes start empty
 #                     at every fe restart, so the warm-up teaches them.
+# APP=pass swaps be's application for baton-pass-app (src/bin/baton-pass-app.rs, the
+# reference handoff-aware application, one thread like nginx's one worker), serving the
+# same files on :8080, and runs the be baton with BATON_APP_PASS: moved connections'
+# sockets go to the application itself (SCM_RIGHTS) and the be baton leaves the data
+# path too. Every target (direct included) then measures that application.
 # Connection modes: keepalive (plain wrk: a connection is handed off once, at its first
 # request, and then served by the be baton) and close (wrk -H 'Connection: close': every
 # request is a new connection and so a new handoff).
@@ -44,6 +49,8 @@
 # Run as root:  sudo benches/handoff.sh        smoke test:  sudo QUICK=1 benches/handoff.sh
 # Environment (defaults in brackets):
 #   RUNS [3]  DURATION [8]  LAT_DURATION [4]  WARMUP [2]  WRK_THREADS [2]  WRK_CONNS [32]
+#   APP [nginx]  (nginx | pass: the be application, see above; APP=pass results go to the
+#                section "## Handoff mode, handoff-aware application (benches/handoff.sh APP=pass)")
 #   SIZES ["1k 64k 1m"]  TARGETS ["direct proxy handoff policy"]  CONN_MODES ["keepalive close"]
 #   PROBES [200]  PROBE_RATE [100]  (first-request probes per target and run; 0 = none)
 #   QUICK [0]  (1: RUNS=1 DURATION=2 LAT_DURATION=2 WARMUP=1 PROBES=50 unless set)
@@ -92,8 +99,13 @@ BATON_BIN=${BATON_BIN:-$ROOT/target/release/baton}
 SUBNET=${SUBNET:-10.98.0}
 RAW_DIR=${RAW_DIR:-}
 LOG_LEVEL=${BATON_LOG:-warn}
+APP=${APP:-nginx}
+[[ $APP == nginx || $APP == pass ]] || die "APP must be nginx or pass (got '$APP')"
+PASS_APP_BIN=$(dirname "$BATON_BIN")/baton-pass-app
+if [[ $APP == pass ]]; then APP_NAME=baton-pass-app; else APP_NAME=nginx; fi
 
 SECTION_TITLE='## Handoff mode (benches/handoff.sh)'
+[[ $APP == pass ]] && SECTION_TITLE='## Handoff mode, handoff-aware application (benches/handoff.sh APP=pass)'
 INSERT_BEFORE='## In-process stack'
 # The generated part of the section lies between these two lines; everything after
 # GEN_END up to the next "## " heading (the "### Analysis" subsection) is hand-written
@@ -163,14 +175,15 @@ fi
 if has_target proxy || has_handoff_target; then
     if [[ $SKIP_BUILD != 1 ]]; then
         if command -v cargo >/dev/null 2>&1; then
-            log "building baton: cargo build --release --bin baton"
-            (cd "$ROOT" && cargo build --release --bin baton) || die "cargo build --release failed"
+            log "building baton: cargo build --release --bin baton --bin baton-pass-app"
+            (cd "$ROOT" && cargo build --release --bin baton --bin baton-pass-app) || die "cargo build --release failed"
         elif [[ -x $BATON_BIN ]]; then
             note "cargo not in PATH: using the existing $BATON_BIN, which may be older than HEAD"
         fi
     fi
 fi
 [[ -x $BATON_BIN ]] || die "baton binary not found at $BATON_BIN (cd $ROOT && cargo build --release)"
+[[ $APP != pass || -x $PASS_APP_BIN ]] || die "APP=pass: baton-pass-app not found at $PASS_APP_BIN (cd $ROOT && cargo build --release)"
 # The source the binary was built from, as of now (the build).
 commit=$(git -c safe.directory="$ROOT" -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 dirty=$(git -c safe.directory="$ROOT" -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null | awk '{ print $NF }' | tr '\n' ' ')
@@ -224,6 +237,7 @@ chmod 0755 "$TMP" # nginx workers run as nobody and must read the files
 # Run a copy: the fe baton is restarted many times, and a rebuild of BATON_BIN meanwhile
 # must not change what is measured.
 cp "$BATON_BIN" "$TMP/baton"
+[[ $APP == pass ]] && cp "$PASS_APP_BIN" "$TMP/baton-pass-app"
 BATON_RUN=$TMP/baton
 BATON_BUILT=$(date -u -r "$BATON_BIN" '+%Y-%m-%d %H:%M UTC')
 BATON_SHA=$(sha256sum "$BATON_RUN" | cut -c1-12)
@@ -459,10 +473,17 @@ PY
 ip netns exec "$NS_B" nginx "${NGINX_ARGS[@]}" -t -q >"$TMP/nginx-test.log" 2>&1 ||
     { cat "$TMP/nginx-test.log" >&2; die "nginx config is invalid"; }
 
-log "starting be nginx on 0.0.0.0:$BACKEND_PORT (worker_processes 1)"
-start_in "$NS_B" nginx "${SERVER_PIN[@]}" nginx "${NGINX_ARGS[@]}" -g 'daemon off;'
-NGINX_PID=$LAST_PID
-wait_until 10 nginx "$NGINX_PID" ip netns exec "$NS_C" curl -sf -o /dev/null --max-time 1 "${TARGET_URL[direct]}/1k"
+APP_SOCK=$TMP/app.sock
+if [[ $APP == pass ]]; then
+    log "starting be baton-pass-app on 0.0.0.0:$BACKEND_PORT, taking passed connections on $APP_SOCK"
+    start_in "$NS_B" app "${SERVER_PIN[@]}" "$TMP/baton-pass-app" --root "$TMP/www" \
+        --listen "0.0.0.0:$BACKEND_PORT" --pass "$APP_SOCK" --name be
+else
+    log "starting be nginx on 0.0.0.0:$BACKEND_PORT (worker_processes 1)"
+    start_in "$NS_B" app "${SERVER_PIN[@]}" nginx "${NGINX_ARGS[@]}" -g 'daemon off;'
+fi
+APP_PID=$LAST_PID
+wait_until 10 app "$APP_PID" ip netns exec "$NS_C" curl -sf -o /dev/null --max-time 1 "${TARGET_URL[direct]}/1k"
 
 # ---------------------------------------------------------------- batons
 # Any BATON_* variable of the caller's environment passes through (the ones set here win).
@@ -481,9 +502,10 @@ handoff_enabled() {
     msum "$TMP/enabled.txt" baton_handoff_enabled
 }
 
-log "starting be baton (handoff receiver, app 127.0.0.1:$BACKEND_PORT)"
-start_in "$NS_B" be-baton env -u BATON_BIN "${BATON_COMMON[@]}" \
-    BATON_HANDOFF=on BATON_APP_ADDR="127.0.0.1:$BACKEND_PORT" \
+BE_ENV=(BATON_HANDOFF=on BATON_APP_ADDR="127.0.0.1:$BACKEND_PORT")
+[[ $APP == pass ]] && BE_ENV+=(BATON_APP_PASS="$APP_SOCK")
+log "starting be baton (handoff receiver, app 127.0.0.1:$BACKEND_PORT$([[ $APP == pass ]] && echo ", passing to $APP_SOCK"))"
+start_in "$NS_B" be-baton env -u BATON_BIN "${BATON_COMMON[@]}" "${BE_ENV[@]}" \
     "${SERVER_PIN[@]}" "$BATON_RUN"
 BE_PID=$LAST_PID
 wait_until 20 be-baton "$BE_PID" admin_ready "$NS_B"
@@ -858,6 +880,9 @@ BE_ABORTED=$(mdelta "$TMP/be-metrics-start.txt" "$TMP/be-metrics-end.txt" baton_
 BE_OFFERS=$(mdelta "$TMP/be-metrics-start.txt" "$TMP/be-metrics-end.txt" baton_handoff_offers_total)
 BE_CLOSED_SENT=$(mdelta "$TMP/be-metrics-start.txt" "$TMP/be-metrics-end.txt" baton_handoff_closed_sent_total)
 BE_ACTIVE=$(msum "$TMP/be-metrics-end.txt" baton_handoff_active_connections)
+BE_PASSED=$(mdelta "$TMP/be-metrics-start.txt" "$TMP/be-metrics-end.txt" baton_handoff_passed_total)
+BE_PASS_FALLBACKS=$(mdelta "$TMP/be-metrics-start.txt" "$TMP/be-metrics-end.txt" baton_handoff_pass_fallbacks_total)
+((BE_PASS_FALLBACKS == 0)) || note "be baton relayed $BE_PASS_FALLBACKS moved connection(s) the application did not take"
 [[ -z $BE_REFUSED ]] || note "be baton refused handoffs: $BE_REFUSED"
 ((BE_ABORTED == 0)) || note "be baton aborted $BE_ABORTED restored connection(s) (no \"go\")"
 ((BE_ACTIVE == 0)) || note "be baton still serves $BE_ACTIVE moved connection(s) after the load"
@@ -948,7 +973,7 @@ verdicts
 cpu_model=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 extra_env=$(env | grep -E '^BATON_' | grep -vE '^BATON_(BIN|LOG)=' | sort | tr '\n' ' ' || true)
 if [[ $PIN == 1 ]]; then
-    pinning="wrk on CPU $CLIENT_CPUS; fe baton, be baton and be nginx on CPU $SERVER_CPUS (\`taskset\`); kernel softirq work runs wherever the packet is sent from"
+    pinning="wrk on CPU $CLIENT_CPUS; fe baton, be baton and be $APP_NAME on CPU $SERVER_CPUS (\`taskset\`); kernel softirq work runs wherever the packet is sent from"
 else
     pinning="none (PIN=0): the kernel schedules everything on the $(nproc) CPUs"
 fi
@@ -1005,9 +1030,9 @@ replace_section() {
     fi
     echo "- Date: $START_DATE; commit: $commit; baton binary built $BATON_BUILT (sha256 $BATON_SHA…); load took ${ELAPSED}s"
     echo "- Machine: kernel $(uname -r), nproc $(nproc), ${cpu_model:-unknown CPU}; load average at start: $LOADAVG, at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "- Tools: $(nginx -v 2>&1 | sed 's/.*: //'), wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }'), $(nft --version 2>/dev/null | head -n1)"
-    echo "- Topology: namespaces client ($C_IP), fe ($FE_IP), be ($BE_IP) on one bridge (veth, $SUBNET.0/24, bridge netfilter off), tcp_congestion_control=reno. be: nginx (1 worker, static files, \`0.0.0.0:$BACKEND_PORT\`) and a baton with \`BATON_HANDOFF=on\`, \`BATON_APP_ADDR=127.0.0.1:$BACKEND_PORT\`; fe: baton \`BATON_ROUTES='*=objects' BATON_STATIC_SERVICES=objects=$BE_IP:$BACKEND_PORT\`, \`BATON_HANDOFF=off\` (proxy) or \`on\` (handoff, policy), restarted whenever the target changes between proxy, handoff and policy (its netdev table is deleted after handoff and policy runs). Both batons \`BATON_WORKERS=1\`, \`BATON_LOG=$LOG_LEVEL\`, \`BATON_HANDOFF_INTERFACE=eth0\`, one shared 32-byte key${extra_env:+ (env: \`${extra_env% }\`)}"
-    echo "- Targets: **direct** = client → be nginx; **proxy** = client → fe baton → be nginx; **handoff** = client → fe baton with \`BATON_HANDOFF_MIN_BYTES=0\` (always, whatever the environment says), which hands every eligible connection to be's baton (be baton ↔ nginx over loopback, responses straight to the client): the mechanism; **policy** = the same fe with the size policy, \`BATON_HANDOFF_MIN_BYTES=${BATON_HANDOFF_MIN_BYTES:-32768}\`$([[ -n ${BATON_HANDOFF_MIN_BYTES:-} ]] || echo ' (unset: the default)'): requests expected to get at least that many bytes are handed off, the rest proxied; a path's first request is proxied and measured, and 1 in 64 of those expected large are proxied again as a sample (the learned sizes start empty at each fe restart, so the warm-up teaches them)"
+    echo "- Tools: $([[ $APP == pass ]] && echo "baton-pass-app (built with baton)" || nginx -v 2>&1 | sed 's/.*: //'), wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }'), $(nft --version 2>/dev/null | head -n1)"
+    echo "- Topology: namespaces client ($C_IP), fe ($FE_IP), be ($BE_IP) on one bridge (veth, $SUBNET.0/24, bridge netfilter off), tcp_congestion_control=reno. be: $([[ $APP == pass ]] && echo "baton-pass-app (the handoff-aware reference application: one thread, files in memory, hyper)" || echo "nginx (1 worker, sendfile)"), static files on \`0.0.0.0:$BACKEND_PORT\`, and a baton with \`BATON_HANDOFF=on\`, \`BATON_APP_ADDR=127.0.0.1:$BACKEND_PORT\`$([[ $APP == pass ]] && echo ", \`BATON_APP_PASS\` (moved connections' sockets passed to the application)"); fe: baton \`BATON_ROUTES='*=objects' BATON_STATIC_SERVICES=objects=$BE_IP:$BACKEND_PORT\`, \`BATON_HANDOFF=off\` (proxy) or \`on\` (handoff, policy), restarted whenever the target changes between proxy, handoff and policy (its netdev table is deleted after handoff and policy runs). Both batons \`BATON_WORKERS=1\`, \`BATON_LOG=$LOG_LEVEL\`, \`BATON_HANDOFF_INTERFACE=eth0\`, one shared 32-byte key${extra_env:+ (env: \`${extra_env% }\`)}"
+    echo "- Targets: **direct** = client → be $APP_NAME; **proxy** = client → fe baton → be $APP_NAME; **handoff** = client → fe baton with \`BATON_HANDOFF_MIN_BYTES=0\` (always, whatever the environment says), which hands every eligible connection to be's baton ($([[ $APP == pass ]] && echo "be baton passes the socket to the application, which answers the client itself" || echo "be baton ↔ nginx over loopback, responses straight to the client")): the mechanism; **policy** = the same fe with the size policy, \`BATON_HANDOFF_MIN_BYTES=${BATON_HANDOFF_MIN_BYTES:-32768}\`$([[ -n ${BATON_HANDOFF_MIN_BYTES:-} ]] || echo ' (unset: the default)'): requests expected to get at least that many bytes are handed off, the rest proxied; a path's first request is proxied and measured, and 1 in 64 of those expected large are proxied again as a sample (the learned sizes start empty at each fe restart, so the warm-up teaches them)"
     echo "- Connections: **keep-alive** = plain wrk (each connection is handed off once, at its first request; later requests go client → fe's ingress hook → be baton); **close** = wrk \`-H 'Connection: close'\` (every request is a new connection, so a new handoff)"
     echo "- CPU pinning: $pinning"
     if ((RUNS == 1)); then
@@ -1092,7 +1117,7 @@ replace_section() {
     done
     if has_handoff_target; then
         echo
-        echo "be baton over the whole benchmark: $BE_OFFERS offers, refused: ${BE_REFUSED:-none}, aborted: $BE_ABORTED, close notices sent: $BE_CLOSED_SENT; left after the load: fe 'moved' ${FE_MOVED_LEFT:-n/a}, be 'restored' ${BE_RESTORED_LEFT:-n/a}."
+        echo "be baton over the whole benchmark: $BE_OFFERS offers, refused: ${BE_REFUSED:-none}, aborted: $BE_ABORTED, close notices sent: $BE_CLOSED_SENT$([[ $APP == pass ]] && echo ", passed to the application: $BE_PASSED (relayed instead: $BE_PASS_FALLBACKS)"); left after the load: fe 'moved' ${FE_MOVED_LEFT:-n/a}, be 'restored' ${BE_RESTORED_LEFT:-n/a}."
     fi
     if ((${#VERDICTS[@]} > 0)); then
         echo
