@@ -229,6 +229,8 @@ async fn start_handoff(
         %interface,
         receiver = %settings.addr,
         kept_existing_table = existed,
+        // Loads the hold's eBPF filter now rather than at the first handoff.
+        hold_filter = repair::hold_kind(),
         "connection handoff on"
     );
     Ok(Some(handoff))

@@ -88,6 +88,91 @@ pub fn received_fds(fds: Vec<RawFd>) -> Vec<OwnedFd> {
         .collect()
 }
 
+/// Loads an eBPF socket filter that drops every packet (`r0 = 0; exit`), for
+/// attaching with [`attach_bpf`]. Needs CAP_BPF (or CAP_SYS_ADMIN) unless the kernel
+/// allows unprivileged eBPF.
+pub fn load_drop_all_filter() -> io::Result<OwnedFd> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
+    // mov64 r0, 0 (BPF_ALU64 | BPF_MOV | BPF_K); exit (BPF_JMP | BPF_EXIT).
+    let insns: [u64; 2] = [u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]), 0x95];
+    let insns = insns.map(|i| {
+        if cfg!(target_endian = "little") {
+            i
+        } else {
+            i.swap_bytes()
+        }
+    });
+    let license = c"GPL";
+    /// The head of `union bpf_attr` for BPF_PROG_LOAD; the rest stays zero.
+    #[repr(C, align(8))]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        rest: [u8; 64],
+    }
+    let attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_SOCKET_FILTER,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: *b"baton_hold\0\0\0\0\0\0",
+        rest: [0; 64],
+    };
+    // SAFETY: `attr` is a valid BPF_PROG_LOAD attribute of the size passed, and the
+    // instruction and license buffers it points to outlive the call. The kernel
+    // returns a new descriptor (close-on-exec) or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &attr as *const ProgLoad,
+            std::mem::size_of::<ProgLoad>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just returned to this process and owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Attaches the loaded eBPF socket filter `prog` to `socket` (`SO_ATTACH_BPF`): a
+/// reference to the program, with no compilation (unlike a classic filter, which
+/// the kernel translates and JIT-compiles at every attach).
+pub fn attach_bpf(socket: RawFd, prog: RawFd) -> io::Result<()> {
+    let fd: libc::c_int = prog;
+    // SAFETY: SO_ATTACH_BPF takes an int (the program's descriptor); invalid
+    // descriptors only produce an error.
+    let r = unsafe {
+        libc::setsockopt(
+            socket,
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_BPF,
+            &fd as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: null offsets are allowed for pipes and sockets; the descriptors are
     // borrowed for the duration of the call and invalid ones only produce EBADF.

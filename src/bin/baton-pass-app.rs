@@ -30,6 +30,9 @@ use std::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
+/// How long accepting pauses after an error.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(10);
+
 struct Args {
     root: PathBuf,
     listen: SocketAddr,
@@ -156,7 +159,9 @@ async fn run(args: Args) -> std::io::Result<()> {
                 let incoming = match passes.accept().await {
                     Ok(i) => i,
                     Err(e) => {
+                        // E.g. out of descriptors: let connections close first.
                         eprintln!("baton-pass-app: accept on the pass socket: {e}");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                         continue;
                     }
                 };
@@ -183,6 +188,7 @@ async fn run(args: Args) -> std::io::Result<()> {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("baton-pass-app: accept: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
