@@ -175,6 +175,10 @@ async fn start_handoff(
         Ok(n) => n,
         Err(e) => return disabled(e),
     };
+    // This host as frontends' redirects name it (the interface's first address).
+    let be_addr = tables::interface_addrs(&interface)
+        .ok()
+        .and_then(|a| a.first().map(|n| n.addr()));
     let table = nft::Tables::new(
         tables::TABLE,
         // Held far beyond any handoff (the FE waits up to twice the timeout), short
@@ -219,6 +223,22 @@ async fn start_handoff(
         }
         Err(e) => {
             tracing::warn!(error = %e, "no socket destruction notices; moved flows expire by BATON_HANDOFF_FLOW_TTL")
+        }
+    }
+    // Moved connections of an earlier baton here: watched on (a passed one lives in
+    // the application) or, with their sockets gone, forgotten now.
+    if let Some(be) = be_addr {
+        match tokio::task::spawn_blocking(tables::restored_flows).await? {
+            Ok(flows) => match handoff.adopt(flows, be, settings.port).await {
+                Ok((0, 0)) => {}
+                Ok((kept, gone)) => tracing::info!(
+                    kept,
+                    gone,
+                    "moved connections left by an earlier baton: live ones kept, ended ones forgotten"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot check the moved connections left by an earlier baton; they expire by BATON_HANDOFF_FLOW_TTL"),
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot read the restored set; its flows expire by BATON_HANDOFF_FLOW_TTL"),
         }
     }
     tokio::spawn(handoff.clone().receive(listener, drain));

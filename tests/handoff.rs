@@ -205,10 +205,15 @@ http {{
 
     /// Starts baton on a backend, serving moved connections from its nginx.
     fn start_be(&mut self, be: &'static str, extra: &[(&'static str, String)]) {
+        let pid = self.spawn_be(be, extra);
+        self.be.push((be, pid));
+    }
+
+    /// Starts baton on a backend (without recording it); its PID.
+    fn spawn_be(&self, be: &str, extra: &[(&'static str, String)]) -> u32 {
         let mut env = self.env(&[("BATON_APP_ADDR", "127.0.0.1:8080".into())]);
         env.extend(extra.iter().cloned());
-        let pid = self.spawn_baton(be, &env);
-        self.be.push((be, pid));
+        self.spawn_baton(be, &env)
     }
 
     /// Starts baton on fe, balancing `objects` round-robin over both backends.
@@ -907,6 +912,94 @@ fn a_handoff_aware_application_takes_the_socket_and_the_backend_baton_leaves_the
     assert_eq!(f.metric("fe", "baton_handoffs_total"), 2.0);
     assert_eq!(f.metric("be1", "baton_handoff_passed_total"), 1.0);
     assert_eq!(f.metric("be1", "baton_handoff_pass_fallbacks_total"), 1.0);
+}
+
+/// A passed connection lives in the application, so it outlives the backend's baton:
+/// the baton started after it adopts the flow from the kernel's `restored` set and
+/// watches it as its own, so that when the connection closes the entries on both
+/// sides go at once (not after `BATON_HANDOFF_FLOW_TTL`). A relayed connection dies
+/// with its baton; the next baton forgets its entries at once as well.
+#[test]
+fn a_new_backend_baton_adopts_passed_connections_and_forgets_ended_ones() {
+    let Some(mut f) = Fleet::new() else { return };
+    let (sock, app) = f.start_pass_app("be1");
+    let pass = [("BATON_APP_PASS", sock.display().to_string())];
+    f.start_be("be1", &pass);
+    f.start_fe_to("be1");
+    let clean = |f: &Fleet| {
+        eventually(Duration::from_secs(10), || {
+            f.elements("fe", "moved") == 0 && f.elements("be1", "restored") == 0
+        })
+    };
+    // Passed: the old baton stops gracefully with the connection open and idle.
+    let go = f.dir.join("go-passed");
+    let old = f.be[0].1;
+    let got = std::thread::scope(|s| {
+        let client = s.spawn(|| {
+            f.script(json!([
+                ["send", get("/1k")],
+                ["read"],
+                ["wait", go.to_str().unwrap()],
+                ["send", get("/256k")],
+                ["read"]
+            ]))
+        });
+        assert!(eventually(Duration::from_secs(10), || f
+            .metric("be1", "baton_handoff_passed_total")
+            == 1.0));
+        f.bed.signal(old, "TERM");
+        assert_eq!(f.bed.wait_exit(old, Duration::from_secs(10)), Some(0));
+        let new = f.spawn_be("be1", &pass);
+        std::fs::write(&go, "").unwrap();
+        assert!(
+            f.log("be1").contains("kept=1 gone=0"),
+            "the new baton adopted the passed connection; be1 log:\n{}",
+            f.log("be1")
+        );
+        (client.join().unwrap(), new)
+    });
+    let (got, new) = got;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[1]["status"], 200, "{got:?}");
+    assert_eq!(got[1]["by"], "be1-pass", "still the application's: {got:?}");
+    assert_eq!(got[1]["sha"], sha256(&content(KIB256)));
+    assert!(
+        clean(&f),
+        "entries left after the adopted connection closed"
+    );
+    assert!(f.metric("be1", "baton_handoff_closed_sent_total") >= 1.0);
+
+    // Relayed (the application is gone): the baton is killed under the connection.
+    let _ = Command::new("kill").args(["-9", &app.to_string()]).status();
+    let go = f.dir.join("go-relayed");
+    std::thread::scope(|s| {
+        let client = s.spawn(|| {
+            f.script(json!([
+                ["send", get("/1k")],
+                ["read"],
+                ["wait", go.to_str().unwrap()],
+                ["send", get("/1k")],
+                ["read_or_error"]
+            ]))
+        });
+        assert!(eventually(Duration::from_secs(10), || f
+            .metric("be1", "baton_handoff_pass_fallbacks_total")
+            == 1.0));
+        f.bed.kill(new);
+        let _newer = f.spawn_be("be1", &pass);
+        std::fs::write(&go, "").unwrap();
+        let got = client.join().unwrap();
+        assert_eq!(got[0]["by"], "be1", "relayed to nginx: {got:?}");
+        // The connection ended with its baton: the client's next request gets a
+        // reset or the close, not an answer and not a hang.
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[1].get("error").is_some(), "{got:?}");
+    });
+    assert!(
+        clean(&f),
+        "entries of the connection that died with its baton left: be1 log:\n{}",
+        f.log("be1")
+    );
 }
 
 /// "go" cannot be written after the switch (the backend reset the control connection

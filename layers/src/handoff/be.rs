@@ -17,7 +17,7 @@ use super::{
 use crate::proxy::tcp::{self, ForwardMetrics};
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::AsFd,
     sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
@@ -452,6 +452,39 @@ impl Handoff {
             Err(e) => tracing::debug!(client = %flow.client, error = %e, "moved connection ended"),
         }
         false
+    }
+
+    /// Takes over the moved connections a backend baton that ran here before left in
+    /// the `restored` set (`flows`): those whose socket still exists (passed to the
+    /// application, which outlived that baton) are watched and refreshed as if taken
+    /// here, their notices going to the frontend at `flow.local`:`fe_port` from `be`
+    /// (this host's address on the handoff interface); the others are forgotten at
+    /// once, and their frontends told, instead of lingering for
+    /// `BATON_HANDOFF_FLOW_TTL`. (kept, gone).
+    pub async fn adopt(
+        &self,
+        flows: Vec<Flow>,
+        be: Ipv4Addr,
+        fe_port: u16,
+    ) -> std::io::Result<(usize, usize)> {
+        if flows.is_empty() {
+            return Ok((0, 0));
+        }
+        let all = flows.clone();
+        let gone = tokio::task::spawn_blocking(move || diag::gone(&all))
+            .await
+            .map_err(std::io::Error::other)??;
+        {
+            let mut live = self.live();
+            for &flow in &flows {
+                let fe = SocketAddrV4::new(*flow.local.ip(), fe_port);
+                live.entry(flow).or_insert(Notices { fe, be });
+            }
+        }
+        for &flow in &gone {
+            self.destroyed(flow).await;
+        }
+        Ok((flows.len() - gone.len(), gone.len()))
     }
 
     /// Whether `flow` is a moved connection this BE serves.

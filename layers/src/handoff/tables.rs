@@ -120,6 +120,47 @@ pub fn install(interface: &str, flow_ttl: std::time::Duration) -> Result<bool, S
     Ok(existed)
 }
 
+/// The flows in this host's `restored` set: the moved connections a backend baton
+/// that ran here before took (read once, at startup, with `nft -j`).
+pub fn restored_flows() -> Result<Vec<super::wire::Flow>, String> {
+    let out = run(
+        "nft",
+        &["-j", "list", "set", "netdev", TABLE, "restored"],
+        None,
+    )?;
+    parse_restored(&out)
+}
+
+/// The flows of `nft -j list set` output (elements with or without their timeouts).
+fn parse_restored(json: &str) -> Result<Vec<super::wire::Flow>, String> {
+    use serde_json::Value;
+    let v: Value = serde_json::from_str(json).map_err(|e| format!("nft -j output: {e}"))?;
+    let elems = v["nftables"]
+        .as_array()
+        .and_then(|items| items.iter().find_map(|i| i["set"]["elem"].as_array()))
+        .cloned()
+        .unwrap_or_default();
+    let addr = |key: &[Value], i: usize| -> Option<std::net::SocketAddrV4> {
+        let ip = key.get(i)?.as_str()?.parse().ok()?;
+        let port = u16::try_from(key.get(i + 1)?.as_u64()?).ok()?;
+        Some(std::net::SocketAddrV4::new(ip, port))
+    };
+    elems
+        .iter()
+        .map(|e| {
+            // An element with a timeout is {"elem": {"val": {"concat": ...}, ...}}.
+            let key = e["elem"]["val"]["concat"]
+                .as_array()
+                .or_else(|| e["concat"].as_array())
+                .ok_or_else(|| format!("unexpected element {e}"))?;
+            match (addr(key, 0), addr(key, 2)) {
+                (Some(client), Some(local)) => Ok(super::wire::Flow { client, local }),
+                _ => Err(format!("unexpected element {e}")),
+            }
+        })
+        .collect()
+}
+
 /// The interface of the IPv4 default route.
 pub fn default_interface() -> Result<String, String> {
     let routes = std::fs::read_to_string("/proc/net/route")
@@ -161,6 +202,36 @@ pub fn interface_nets(interface: &str) -> Result<Vec<Ipv4Net>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restored_flows_are_read_from_nft_json_with_and_without_timeouts() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"set": {"family": "netdev", "name": "restored", "table": "baton",
+             "type": ["ipv4_addr", "inet_service", "ipv4_addr", "inet_service"],
+             "handle": 3, "flags": ["timeout"], "elem": [
+               {"elem": {"val": {"concat": ["10.0.0.1", 40000, "10.0.0.2", 15006]}, "timeout": 3600, "expires": 3590}},
+               {"concat": ["10.0.0.3", 1, "10.0.0.2", 8080]}]}}]}"#;
+        let flows = parse_restored(json).unwrap();
+        assert_eq!(
+            flows,
+            [
+                super::super::wire::Flow {
+                    client: "10.0.0.1:40000".parse().unwrap(),
+                    local: "10.0.0.2:15006".parse().unwrap(),
+                },
+                super::super::wire::Flow {
+                    client: "10.0.0.3:1".parse().unwrap(),
+                    local: "10.0.0.2:8080".parse().unwrap(),
+                },
+            ]
+        );
+        let empty = r#"{"nftables": [{"set": {"family": "netdev", "name": "restored", "table": "baton"}}]}"#;
+        assert!(parse_restored(empty).unwrap().is_empty());
+        assert!(
+            parse_restored(r#"{"nftables": [{"set": {"elem": [{"concat": ["x", 1]}]}}]}"#).is_err()
+        );
+        assert!(parse_restored("not json").is_err());
+    }
 
     #[test]
     fn the_ruleset_keys_every_set_by_the_full_four_tuple() {
