@@ -175,10 +175,14 @@ async fn start_handoff(
         Ok(n) => n,
         Err(e) => return disabled(e),
     };
-    // This host as frontends' redirects name it (the interface's first address).
-    let be_addr = tables::interface_addrs(&interface)
-        .ok()
-        .and_then(|a| a.first().map(|n| n.addr()));
+    // This host as frontends' redirects name it: the receiver's own address, or
+    // (listening on all) the interface's first.
+    let be_addr = match settings.addr.ip() {
+        std::net::IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
+        _ => tables::interface_addrs(&interface)
+            .ok()
+            .and_then(|a| a.first().map(|n| n.addr())),
+    };
     let table = nft::Tables::new(
         tables::TABLE,
         // Held far beyond any handoff (the FE waits up to twice the timeout), short
@@ -227,6 +231,9 @@ async fn start_handoff(
     }
     // Moved connections of an earlier baton here: watched on (a passed one lives in
     // the application) or, with their sockets gone, forgotten now.
+    if be_addr.is_none() {
+        tracing::warn!(%interface, "the handoff interface has no IPv4 address: moved connections left by an earlier baton expire by BATON_HANDOFF_FLOW_TTL");
+    }
     if let Some(be) = be_addr {
         match tokio::task::spawn_blocking(tables::restored_flows).await? {
             Ok(flows) => match handoff.adopt(flows, be, settings.port).await {
@@ -245,12 +252,13 @@ async fn start_handoff(
     tokio::spawn(handoff.clone().refresh());
     tokio::spawn(handoff.clone().notices());
     metrics.global().handoff.enabled.incr();
+    // Loads the hold's eBPF filter now rather than at the first handoff.
+    let hold_filter = repair::hold_kind();
     tracing::info!(
         %interface,
         receiver = %settings.addr,
         kept_existing_table = existed,
-        // Loads the hold's eBPF filter now rather than at the first handoff.
-        hold_filter = repair::hold_kind(),
+        hold_filter,
         "connection handoff on"
     );
     Ok(Some(handoff))

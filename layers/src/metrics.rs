@@ -233,6 +233,8 @@ pub struct HandoffMetrics {
     pub passed: Counter,
     /// BE: moved connections the handoff-aware application did not take (relayed).
     pub pass_fallbacks: Counter,
+    /// BE: moved connections sent to the application but never confirmed (left to it).
+    pub pass_in_doubt: Counter,
     /// "Closed" notices (BE sent, FE applied).
     pub closed_sent: Counter,
     /// FE: redirects removed on a BE's notice.
@@ -285,6 +287,7 @@ impl Default for HandoffMetrics {
             active: Gauge::default(),
             passed: Counter::default(),
             pass_fallbacks: Counter::default(),
+            pass_in_doubt: Counter::default(),
             closed_sent: Counter::default(),
             closed_applied: Counter::default(),
             notices_ignored: Counter::default(),
@@ -382,6 +385,12 @@ impl HandoffMetrics {
             "baton_handoff_pass_fallbacks_total",
             "Moved connections the handoff-aware application did not take (not listening, refused, too slow); this baton relayed them to BATON_APP_ADDR.",
             self.pass_fallbacks.get(),
+        );
+        counter(
+            out,
+            "baton_handoff_pass_unconfirmed_total",
+            "Moved connections sent to the handoff-aware application that it neither confirmed nor refused in time; left to it (relaying as well could answer the client twice).",
+            self.pass_in_doubt.get(),
         );
         counter(
             out,

@@ -418,9 +418,17 @@ impl Handoff {
                     tracing::debug!(client = %flow.client, "moved connection passed to the application");
                     return true;
                 }
-                Err(error) => {
+                Err(pass::GiveError::NotTaken(error)) => {
+                    drop(conn);
                     self.pass_failed(&error);
                     self.connect_app().await
+                }
+                Err(error @ pass::GiveError::InDoubt(_)) => {
+                    // The application may serve it: relaying too could answer the
+                    // client twice. Its fate is the application's now.
+                    self.metrics().pass_in_doubt.incr();
+                    tracing::warn!(client = %flow.client, %error, "a moved connection passed to the application was never confirmed; left to it");
+                    return true;
                 }
             },
             Ok(App::Tcp(app)) => Ok(app),
@@ -470,10 +478,9 @@ impl Handoff {
         if flows.is_empty() {
             return Ok((0, 0));
         }
-        let all = flows.clone();
-        let gone = tokio::task::spawn_blocking(move || diag::gone(&all))
-            .await
-            .map_err(std::io::Error::other)??;
+        // Listed first, then checked: a socket destroyed meanwhile has its notice
+        // find the flow, and one destroyed before shows up as gone below. If the
+        // check fails, they stay listed and the periodic sweep sorts them out.
         {
             let mut live = self.live();
             for &flow in &flows {
@@ -481,6 +488,10 @@ impl Handoff {
                 live.entry(flow).or_insert(Notices { fe, be });
             }
         }
+        let all = flows.clone();
+        let gone = tokio::task::spawn_blocking(move || diag::gone(&all))
+            .await
+            .map_err(std::io::Error::other)??;
         for &flow in &gone {
             self.destroyed(flow).await;
         }

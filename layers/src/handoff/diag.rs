@@ -230,7 +230,16 @@ fn diag_msg(kind: u16, msg: &[u8]) -> Option<(Flow, u8)> {
         local: SocketAddrV4::new(ip(8), port(4)),
         client: SocketAddrV4::new(ip(24), port(6)),
     };
-    Some((flow, msg[1]))
+    // A timewait socket (the timewait timer, 3) reports its substate, FIN_WAIT2 for
+    // an orphan closed before its peer: either way no full socket is left, and none
+    // will be destroyed (and announced) later.
+    const TIMER_TIMEWAIT: u8 = 3;
+    let state = if msg[2] == TIMER_TIMEWAIT {
+        TCP_TIME_WAIT
+    } else {
+        msg[1]
+    };
+    Some((flow, state))
 }
 
 /// The flows (client, local) and states of the `inet_diag_msg`s in a netlink
@@ -323,6 +332,21 @@ mod tests {
         assert_eq!(req[12..16], [10, 0, 0, 2]);
         assert_eq!(req[28..32], [10, 0, 0, 1]);
         assert!(!is_full(TCP_TIME_WAIT) && !is_full(TCP_LISTEN) && is_full(1));
+    }
+
+    /// An orphan closed before its peer lingers as a timewait socket in the FIN_WAIT2
+    /// substate: no full socket, so it counts as gone (no destruction notice follows).
+    #[test]
+    fn a_timewait_socket_in_its_fin_wait2_substate_is_not_full() {
+        const TCP_FIN_WAIT2: u8 = 5;
+        let mut msg = vec![0u8; 72];
+        msg[0] = libc::AF_INET as u8;
+        msg[1] = TCP_FIN_WAIT2;
+        msg[2] = 3; // the timewait timer
+        let (_, state) = diag_msg(SOCK_DIAG_BY_FAMILY, &msg).unwrap();
+        assert!(!is_full(state));
+        msg[2] = 0; // a full socket in FIN_WAIT2
+        assert!(is_full(diag_msg(SOCK_DIAG_BY_FAMILY, &msg).unwrap().1));
     }
 
     /// Live sockets are found, absent ones (even with a listener on their local port,

@@ -5,8 +5,10 @@
 //! that can take a connected socket (as Prism's backends do) can have the client's
 //! socket itself: the BE sends it, with the bytes already read from it, over a Unix
 //! socket (`SCM_RIGHTS`), and leaves the data path as the FE did. If the application
-//! is not listening, refuses, or does not answer within [`GIVE_TIMEOUT`], the BE relays
-//! to `BATON_APP_ADDR` as before: the client cannot tell.
+//! is not listening or refuses, the BE relays to `BATON_APP_ADDR` as before: the
+//! client cannot tell. If it got the socket but answers neither way within
+//! [`GIVE_TIMEOUT`], the connection is left to it ([`GiveError::InDoubt`]): relaying
+//! it as well could answer the client twice.
 //!
 //! The protocol, for applications in any language, one Unix stream connection per
 //! passed socket, opened by baton:
@@ -56,18 +58,49 @@ pub async fn connect(path: &Path) -> io::Result<UnixStream> {
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
+/// Why [`give`] failed, which says who may serve the connection now.
+#[derive(Debug)]
+pub enum GiveError {
+    /// The application does not have the socket: it was never sent, or the
+    /// application read the whole offer and closed without "+". The caller still owns
+    /// the connection (and may relay it).
+    NotTaken(io::Error),
+    /// The socket was sent, but the application neither took nor refused it (no
+    /// answer in time, a reset, a wrong answer): it may still serve the connection, so
+    /// the caller must not, and only closes its copy.
+    InDoubt(io::Error),
+}
+
+impl std::fmt::Display for GiveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GiveError::NotTaken(e) => write!(f, "not taken: {e}"),
+            GiveError::InDoubt(e) => write!(f, "sent, never confirmed: {e}"),
+        }
+    }
+}
+
 /// Gives `socket` and `prefix` to the application on `conn`; `Ok` once it
 /// acknowledged, after which it owns the connection and the caller closes its copy.
-/// Any error means the application does not have it (it never acknowledged).
-pub async fn give(conn: &mut UnixStream, socket: BorrowedFd<'_>, prefix: &[u8]) -> io::Result<()> {
+pub async fn give(
+    conn: &mut UnixStream,
+    socket: BorrowedFd<'_>,
+    prefix: &[u8],
+) -> Result<(), GiveError> {
     let len = u32::try_from(prefix.len())
         .ok()
         .filter(|&n| n as usize <= MAX_PREFIX)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "prefix too long"))?;
+        .ok_or_else(|| {
+            GiveError::NotTaken(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "prefix too long",
+            ))
+        })?;
     let mut header = [0u8; HEADER];
     header[..4].copy_from_slice(&MAGIC);
     header[4..].copy_from_slice(&len.to_be_bytes());
-    tokio::time::timeout(GIVE_TIMEOUT, async {
+    let mut sent_fd = false;
+    let result = tokio::time::timeout(GIVE_TIMEOUT, async {
         let fds = [socket.as_raw_fd()];
         let sent = loop {
             conn.writable().await?;
@@ -82,6 +115,7 @@ pub async fn give(conn: &mut UnixStream, socket: BorrowedFd<'_>, prefix: &[u8]) 
                 Err(e) => return Err(e),
             }
         };
+        sent_fd = true;
         // The socket went with the first bytes; the rest is plain data.
         if sent < HEADER {
             conn.write_all(&header[sent..]).await?;
@@ -102,8 +136,22 @@ pub async fn give(conn: &mut UnixStream, socket: BorrowedFd<'_>, prefix: &[u8]) 
             )),
         }
     })
-    .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no acknowledgement"))?
+    .await;
+    match result {
+        Ok(Ok(())) => Ok(()),
+        // A clean close after the whole offer: the protocol's refusal.
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionAborted => Err(GiveError::NotTaken(e)),
+        Ok(Err(e)) if !sent_fd => Err(GiveError::NotTaken(e)),
+        Ok(Err(e)) => Err(GiveError::InDoubt(e)),
+        Err(_) => {
+            let e = io::Error::new(io::ErrorKind::TimedOut, "no acknowledgement");
+            Err(if sent_fd {
+                GiveError::InDoubt(e)
+            } else {
+                GiveError::NotTaken(e)
+            })
+        }
+    }
 }
 
 /// A connection baton passed: the client's socket and the bytes to handle before
@@ -197,6 +245,9 @@ impl Incoming {
                 "the offer's socket is not a connected TCP socket",
             ));
         }
+        // Non-blocking whatever the sender left it as: the caller registers it with an
+        // event loop.
+        socket.set_nonblocking(true)?;
         self.conn.write_all(&[ACK]).await?;
         Ok(Passed {
             stream: socket.into(),
@@ -212,7 +263,9 @@ impl Incoming {
             let fd = self.conn.as_raw_fd();
             let got = self.conn.try_io(Interest::READABLE, || {
                 let mut iov = [IoSliceMut::new(buf)];
-                let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+                // Room for the most descriptors one message can carry (SCM_MAX_FD),
+                // so that none is ever cut off unowned (and leaked).
+                let mut space = nix::cmsg_space!([std::os::fd::RawFd; 253]);
                 let msg = socket::recvmsg::<()>(
                     fd,
                     &mut iov,
@@ -299,8 +352,34 @@ mod tests {
         });
         let mut conn = connect(&path).await.unwrap();
         let err = give(&mut conn, server.as_fd(), b"x").await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted, "{err}");
+        assert!(
+            matches!(&err, GiveError::NotTaken(e) if e.kind() == io::ErrorKind::ConnectionAborted),
+            "{err}"
+        );
         refuser.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Read but never answered: the application may serve it, so baton must not.
+    #[tokio::test]
+    async fn an_offer_read_but_never_answered_is_in_doubt() {
+        let dir = std::env::temp_dir().join(format!("baton-pass-doubt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.sock");
+        let app = PassListener::bind(&path).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        let silent = tokio::spawn(async move {
+            let Incoming { mut conn } = app.accept().await.unwrap();
+            let mut b = [0u8; HEADER + 1];
+            conn.read_exact(&mut b).await.unwrap();
+            tokio::time::sleep(GIVE_TIMEOUT * 3).await;
+        });
+        let mut conn = connect(&path).await.unwrap();
+        let err = give(&mut conn, server.as_fd(), b"x").await.unwrap_err();
+        assert!(matches!(err, GiveError::InDoubt(_)), "{err}");
+        silent.abort();
         let _ = std::fs::remove_dir_all(&dir);
     }
 

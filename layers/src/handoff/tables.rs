@@ -131,7 +131,8 @@ pub fn restored_flows() -> Result<Vec<super::wire::Flow>, String> {
     parse_restored(&out)
 }
 
-/// The flows of `nft -j list set` output (elements with or without their timeouts).
+/// The flows of `nft -j list set` output (elements with or without their timeouts;
+/// unreadable ones skipped).
 fn parse_restored(json: &str) -> Result<Vec<super::wire::Flow>, String> {
     use serde_json::Value;
     let v: Value = serde_json::from_str(json).map_err(|e| format!("nft -j output: {e}"))?;
@@ -145,20 +146,20 @@ fn parse_restored(json: &str) -> Result<Vec<super::wire::Flow>, String> {
         let port = u16::try_from(key.get(i + 1)?.as_u64()?).ok()?;
         Some(std::net::SocketAddrV4::new(ip, port))
     };
-    elems
+    // An element this cannot read is left to its timeout rather than losing the rest.
+    Ok(elems
         .iter()
-        .map(|e| {
+        .filter_map(|e| {
             // An element with a timeout is {"elem": {"val": {"concat": ...}, ...}}.
             let key = e["elem"]["val"]["concat"]
                 .as_array()
-                .or_else(|| e["concat"].as_array())
-                .ok_or_else(|| format!("unexpected element {e}"))?;
-            match (addr(key, 0), addr(key, 2)) {
-                (Some(client), Some(local)) => Ok(super::wire::Flow { client, local }),
-                _ => Err(format!("unexpected element {e}")),
-            }
+                .or_else(|| e["concat"].as_array())?;
+            Some(super::wire::Flow {
+                client: addr(key, 0)?,
+                local: addr(key, 2)?,
+            })
         })
-        .collect()
+        .collect())
 }
 
 /// The interface of the IPv4 default route.
@@ -227,8 +228,11 @@ mod tests {
         );
         let empty = r#"{"nftables": [{"set": {"family": "netdev", "name": "restored", "table": "baton"}}]}"#;
         assert!(parse_restored(empty).unwrap().is_empty());
-        assert!(
-            parse_restored(r#"{"nftables": [{"set": {"elem": [{"concat": ["x", 1]}]}}]}"#).is_err()
+        let bad = r#"{"nftables": [{"set": {"elem": [{"concat": ["x", 1]}, {"concat": ["10.0.0.3", 1, "10.0.0.2", 8080]}]}}]}"#;
+        assert_eq!(
+            parse_restored(bad).unwrap().len(),
+            1,
+            "the readable element is kept"
         );
         assert!(parse_restored("not json").is_err());
     }
