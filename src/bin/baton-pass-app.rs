@@ -78,8 +78,10 @@ fn load(root: &Path) -> std::io::Result<HashMap<String, Bytes>> {
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            if path.is_dir() {
+            let entry = entry?;
+            let path = entry.path();
+            // Not following symlinked directories: a loop would never end.
+            if entry.file_type()?.is_dir() {
                 dirs.push(path);
             } else if let Ok(rel) = path.strip_prefix(root) {
                 let url = format!("/{}", rel.to_string_lossy());

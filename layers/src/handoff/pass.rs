@@ -207,8 +207,15 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Reads the offer, checks that it carries a TCP socket, and acknowledges it.
-    pub async fn take(mut self) -> io::Result<Passed> {
+    /// Reads the offer, checks that it carries a TCP socket, and acknowledges it;
+    /// fails if that takes longer than [`GIVE_TIMEOUT`] (baton has given up by then).
+    pub async fn take(self) -> io::Result<Passed> {
+        tokio::time::timeout(GIVE_TIMEOUT, self.read_offer())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "incomplete offer"))?
+    }
+
+    async fn read_offer(mut self) -> io::Result<Passed> {
         let mut header = [0u8; HEADER];
         let mut got = 0;
         let mut socket = None;
