@@ -231,11 +231,9 @@ async fn start_handoff(
     }
     // Moved connections of an earlier baton here: watched on (a passed one lives in
     // the application) or, with their sockets gone, forgotten now.
-    if be_addr.is_none() {
-        tracing::warn!(%interface, "the handoff interface has no IPv4 address: moved connections left by an earlier baton expire by BATON_HANDOFF_FLOW_TTL");
-    }
-    if let Some(be) = be_addr {
-        match tokio::task::spawn_blocking(tables::restored_flows).await? {
+    match be_addr {
+        None => tracing::warn!(%interface, "the handoff interface has no IPv4 address: moved connections left by an earlier baton expire by BATON_HANDOFF_FLOW_TTL"),
+        Some(be) => match tokio::task::spawn_blocking(tables::restored_flows).await? {
             Ok(flows) => match handoff.adopt(flows, be, settings.port).await {
                 Ok((0, 0)) => {}
                 Ok((kept, gone)) => tracing::info!(
@@ -243,10 +241,10 @@ async fn start_handoff(
                     gone,
                     "moved connections left by an earlier baton: live ones kept, ended ones forgotten"
                 ),
-                Err(e) => tracing::warn!(error = %e, "cannot check the moved connections left by an earlier baton; they expire by BATON_HANDOFF_FLOW_TTL"),
+                Err(e) => tracing::warn!(error = %e, "cannot check the moved connections left by an earlier baton; the periodic sweep will"),
             },
             Err(e) => tracing::warn!(error = %e, "cannot read the restored set; its flows expire by BATON_HANDOFF_FLOW_TTL"),
-        }
+        },
     }
     tokio::spawn(handoff.clone().receive(listener, drain));
     tokio::spawn(handoff.clone().refresh());

@@ -897,7 +897,7 @@ fn a_handoff_aware_application_takes_the_socket_and_the_backend_baton_leaves_the
     });
     assert!(clean, "entries left after a passed connection closed");
 
-    let _ = Command::new("kill").args(["-9", &app.to_string()]).status();
+    f.bed.kill(app);
     let got = f.script(json!([
         ["send", get("/1m")],
         ["read"],
@@ -970,7 +970,7 @@ fn a_new_backend_baton_adopts_passed_connections_and_forgets_ended_ones() {
     assert!(f.metric("be1", "baton_handoff_closed_sent_total") >= 1.0);
 
     // Relayed (the application is gone): the baton is killed under the connection.
-    let _ = Command::new("kill").args(["-9", &app.to_string()]).status();
+    f.bed.kill(app);
     let go = f.dir.join("go-relayed");
     std::thread::scope(|s| {
         let client = s.spawn(|| {

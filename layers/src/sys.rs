@@ -94,15 +94,10 @@ pub fn received_fds(fds: Vec<RawFd>) -> Vec<OwnedFd> {
 pub fn load_drop_all_filter() -> io::Result<OwnedFd> {
     const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
-    // mov64 r0, 0 (BPF_ALU64 | BPF_MOV | BPF_K); exit (BPF_JMP | BPF_EXIT).
-    let insns: [u64; 2] = [u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]), 0x95];
-    let insns = insns.map(|i| {
-        if cfg!(target_endian = "little") {
-            i
-        } else {
-            i.swap_bytes()
-        }
-    });
+    // struct bpf_insn { code, regs, off, imm }, all zero but the code (so the same
+    // bytes on either endianness): mov64 r0, 0 (BPF_ALU64 | BPF_MOV | BPF_K); exit
+    // (BPF_JMP | BPF_EXIT).
+    let insns: [[u8; 8]; 2] = [[0xb7, 0, 0, 0, 0, 0, 0, 0], [0x95, 0, 0, 0, 0, 0, 0, 0]];
     let license = c"GPL";
     /// The head of `union bpf_attr` for BPF_PROG_LOAD; the rest stays zero.
     #[repr(C, align(8))]

@@ -488,14 +488,14 @@ impl Handoff {
                 live.entry(flow).or_insert(Notices { fe, be });
             }
         }
-        let all = flows.clone();
-        let gone = tokio::task::spawn_blocking(move || diag::gone(&all))
+        let listed = flows.len();
+        let gone = tokio::task::spawn_blocking(move || diag::gone(&flows))
             .await
             .map_err(std::io::Error::other)??;
         for &flow in &gone {
             self.destroyed(flow).await;
         }
-        Ok((flows.len() - gone.len(), gone.len()))
+        Ok((listed - gone.len(), gone.len()))
     }
 
     /// Whether `flow` is a moved connection this BE serves.

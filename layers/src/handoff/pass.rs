@@ -32,7 +32,7 @@ use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::{
     io::{self, IoSlice, IoSliceMut},
     os::fd::{AsRawFd, BorrowedFd, OwnedFd},
-    path::{Path, PathBuf},
+    path::Path,
     time::Duration,
 };
 use tokio::{
@@ -168,22 +168,20 @@ pub struct Passed {
 #[derive(Debug)]
 pub struct PassListener {
     listener: UnixListener,
-    path: PathBuf,
 }
 
 impl PassListener {
     /// Listens at `path`, replacing a stale socket file left by an earlier run.
     pub fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
         use std::os::unix::fs::FileTypeExt;
-        let path = path.as_ref().to_path_buf();
-        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+        let path = path.as_ref();
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
             if meta.file_type().is_socket() {
-                std::fs::remove_file(&path)?;
+                std::fs::remove_file(path)?;
             }
         }
         Ok(Self {
-            listener: UnixListener::bind(&path)?,
-            path,
+            listener: UnixListener::bind(path)?,
         })
     }
 
@@ -192,11 +190,6 @@ impl PassListener {
     pub async fn accept(&self) -> io::Result<Incoming> {
         let (conn, _) = self.listener.accept().await?;
         Ok(Incoming { conn })
-    }
-
-    /// The path listened at.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 
@@ -305,6 +298,36 @@ mod tests {
     use std::io::{Read, Write};
     use std::os::fd::AsFd;
 
+    /// A scratch directory for one test's pass socket, removed when dropped.
+    struct Scratch {
+        dir: std::path::PathBuf,
+        path: std::path::PathBuf,
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// An application listening in a fresh scratch directory named after `test`.
+    fn listening(test: &str) -> (Scratch, PassListener) {
+        let dir = std::env::temp_dir().join(format!("baton-pass-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.sock");
+        let app = PassListener::bind(&path).unwrap();
+        (Scratch { dir, path }, app)
+    }
+
+    /// A loopback TCP connection (client, server); the server side is what baton
+    /// gives away.
+    fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        (client, server)
+    }
+
     /// Whether `a` and `b` are the same connection.
     fn same_socket(a: BorrowedFd<'_>, b: &std::net::TcpStream) -> bool {
         let (a, b) = (socket2::SockRef::from(&a), socket2::SockRef::from(b));
@@ -314,16 +337,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_socket_and_its_prefix_reach_the_application_which_then_owns_it() {
-        let dir = std::env::temp_dir().join(format!("baton-pass-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("app.sock");
-        let app = PassListener::bind(&path).unwrap();
-        // A TCP connection whose server side is what baton gives away.
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (server, _) = l.accept().unwrap();
+        let (scratch, app) = listening("given");
+        let (mut client, server) = tcp_pair();
         let taker = tokio::spawn(async move { app.accept().await.unwrap().take().await });
-        let mut conn = connect(&path).await.unwrap();
+        let mut conn = connect(&scratch.path).await.unwrap();
         give(&mut conn, server.as_fd(), b"GET / HTTP/1.1\r\n\r\n")
             .await
             .unwrap();
@@ -339,70 +356,53 @@ mod tests {
         let mut got = Vec::new();
         client.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"from the app");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
     async fn an_application_that_closes_without_acknowledging_has_refused() {
-        let dir = std::env::temp_dir().join(format!("baton-pass-refuse-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("app.sock");
-        let app = PassListener::bind(&path).unwrap();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (server, _) = l.accept().unwrap();
+        let (scratch, app) = listening("refused");
+        let (_client, server) = tcp_pair();
         let refuser = tokio::spawn(async move {
             let Incoming { mut conn } = app.accept().await.unwrap();
             // Reads the whole offer (header and the one-byte prefix), then closes.
             let mut b = [0u8; HEADER + 1];
             conn.read_exact(&mut b).await.unwrap();
         });
-        let mut conn = connect(&path).await.unwrap();
+        let mut conn = connect(&scratch.path).await.unwrap();
         let err = give(&mut conn, server.as_fd(), b"x").await.unwrap_err();
         assert!(
             matches!(&err, GiveError::NotTaken(e) if e.kind() == io::ErrorKind::ConnectionAborted),
             "{err}"
         );
         refuser.await.unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Read but never answered: the application may serve it, so baton must not.
     #[tokio::test]
     async fn an_offer_read_but_never_answered_is_in_doubt() {
-        let dir = std::env::temp_dir().join(format!("baton-pass-doubt-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("app.sock");
-        let app = PassListener::bind(&path).unwrap();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (server, _) = l.accept().unwrap();
+        let (scratch, app) = listening("doubt");
+        let (_client, server) = tcp_pair();
         let silent = tokio::spawn(async move {
             let Incoming { mut conn } = app.accept().await.unwrap();
             let mut b = [0u8; HEADER + 1];
             conn.read_exact(&mut b).await.unwrap();
             tokio::time::sleep(GIVE_TIMEOUT * 3).await;
         });
-        let mut conn = connect(&path).await.unwrap();
+        let mut conn = connect(&scratch.path).await.unwrap();
         let err = give(&mut conn, server.as_fd(), b"x").await.unwrap_err();
         assert!(matches!(err, GiveError::InDoubt(_)), "{err}");
         silent.abort();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
     async fn an_offer_without_a_socket_is_rejected_by_the_receiver() {
-        let dir = std::env::temp_dir().join(format!("baton-pass-nofd-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("app.sock");
-        let app = PassListener::bind(&path).unwrap();
+        let (scratch, app) = listening("nofd");
         let taker = tokio::spawn(async move { app.accept().await.unwrap().take().await });
-        let mut conn = connect(&path).await.unwrap();
+        let mut conn = connect(&scratch.path).await.unwrap();
         conn.write_all(b"BTP1\0\0\0\x01x").await.unwrap();
         let err = taker.await.unwrap().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         let mut ack = [0u8; 1];
         assert_eq!(conn.read(&mut ack).await.unwrap(), 0, "no acknowledgement");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
