@@ -5,9 +5,10 @@
 //! service with the endpoint stack (a `NewService<Endpoint>`), and balances over them
 //! with the service's algorithm:
 //!
-//! - `p2c` — tower's power-of-two-choices over PeakEWMA load (Mitzenmacher's "The Power
-//!   of Two Choices"; Finagle's peak EWMA): two random ready endpoints, the one with
-//!   the lower `rtt × (in-flight + 1)` wins, so a slow or busy endpoint gets less;
+//! - `p2c` — [`P2c`], power of two choices (Mitzenmacher's "The Power of Two Choices")
+//!   over tower's PeakEWMA load (Finagle's peak EWMA): two random ready endpoints, the
+//!   one with the lower `rtt × (in-flight + 1)` wins, so a slow or busy endpoint gets
+//!   less;
 //! - `rr` — [`RoundRobin`], smooth weighted round-robin over ready endpoints;
 //! - `hash` — [`HashBalance`], weighted Maglev consistent hashing of a request key.
 //!
@@ -23,17 +24,20 @@
 //! for a static weight. It needs none to protect a weak endpoint, though: PeakEWMA
 //! already shifts load away from endpoints that answer slowly or pile up requests.
 //!
-//! A balancer is a single-owner `Service` (`&mut self`): the logical stack puts it
-//! behind a `Buffer` so all connections share it. With no endpoints at all it does not
+//! A balancer is a single-owner `Service` (`&mut self`): the logical stack shares it
+//! between connections with [`Share`](crate::share::Share). With no endpoints at all it does not
 //! wait for some to appear: it answers ready and fails the request with
 //! [`NoEndpoints`] (503), so a missing service fails fast instead of queueing until the
 //! request timeout. With endpoints that are all not ready, it is not ready.
 
 mod hash;
+mod p2c;
+mod ready;
 mod rr;
 
 pub use self::{
     hash::{HashBalance, HashKey, HttpHashKey, Maglev},
+    p2c::P2c,
     rr::RoundRobin,
 };
 
@@ -55,7 +59,6 @@ use std::{
     time::Duration,
 };
 use tower::{
-    balance::p2c,
     discover::{Change, Discover},
     load::{CompleteOnResponse, PeakEwmaDiscover},
 };
@@ -201,17 +204,18 @@ pub struct Balancer<D: Discover, Req, K>
 where
     D::Key: Hash,
 {
-    algo: Algo<D, Req, K>,
+    algo: Algo<D, K>,
     service: Arc<str>,
     /// `poll_ready` found no endpoints: fail the next call.
     fail_next: bool,
+    _req: PhantomData<fn(Req)>,
 }
 
-enum Algo<D: Discover, Req, K>
+enum Algo<D: Discover, K>
 where
     D::Key: Hash,
 {
-    P2c(p2c::Balance<PeakEwmaDiscover<D>, Req>),
+    P2c(P2c<PeakEwmaDiscover<D>>),
     Rr(RoundRobin<D>),
     Hash(HashBalance<D, K>),
 }
@@ -245,7 +249,7 @@ where
     /// A balancer for `service` with algorithm `lb`.
     pub fn new(service: Arc<str>, lb: Lb, discover: D, ewma: EwmaConfig, key: K) -> Self {
         let algo = match lb {
-            Lb::P2c => Algo::P2c(p2c::Balance::new(PeakEwmaDiscover::new::<Req>(
+            Lb::P2c => Algo::P2c(P2c::new(PeakEwmaDiscover::new::<Req>(
                 discover,
                 ewma.default_rtt,
                 ewma.decay,
@@ -258,6 +262,7 @@ where
             algo,
             service,
             fail_next: false,
+            _req: PhantomData,
         }
     }
 }
@@ -274,13 +279,13 @@ where
     type Response = <D::Service as Service<Req>>::Response;
     type Error = Error;
     type Future = ResponseFuture<
-        <p2c::Balance<PeakEwmaDiscover<D>, Req> as Service<Req>>::Future,
+        <P2c<PeakEwmaDiscover<D>> as Service<Req>>::Future,
         <RoundRobin<D> as Service<Req>>::Future,
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         let (poll, empty) = match &mut self.algo {
-            Algo::P2c(b) => (b.poll_ready(cx), b.is_empty()),
+            Algo::P2c(b) => (Service::<Req>::poll_ready(b, cx), b.is_empty()),
             Algo::Rr(b) => (Service::<Req>::poll_ready(b, cx), b.is_empty()),
             Algo::Hash(b) => (Service::<Req>::poll_ready(b, cx), b.is_empty()),
         };

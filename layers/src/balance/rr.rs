@@ -8,61 +8,40 @@
 //! `w` times, and its picks are spread out rather than bunched: weights 5, 1, 1 give
 //! `a a b a c a a`, and equal weights alternate exactly (A, B, C, A, B, C, ...).
 //!
-//! The eligible endpoints are the ready ones. `poll_ready` polls every endpoint not
-//! known to be ready (one that was polled ready and not called since stays ready, as
-//! tower's contract says), so an endpoint that is not ready neither receives requests
-//! nor stalls the others, and it gathers no credit meanwhile: when it becomes ready it
-//! takes its share again rather than a burst of catching up. An endpoint whose readiness
-//! fails is removed (discovery re-inserts it if it comes back). With no ready endpoint
-//! the balancer is not ready, and it has registered interest in every endpoint and in
-//! discovery.
+//! The eligible endpoints are the ready ones (readiness as in `ready.rs`). An
+//! endpoint that is not ready gathers no credit meanwhile: when it becomes ready it
+//! takes its share again rather than a burst of catching up.
 //!
 //! Membership: a new endpoint starts with a current value of 0, a re-inserted one (e.g.
 //! with a new weight) keeps its position and current value, and the others keep theirs.
 
-use super::Weight;
+use super::{
+    ready::{ReadySet, Slot},
+    Weight,
+};
 use crate::Error;
-use indexmap::IndexMap;
 use std::{
     hash::Hash,
-    pin::Pin,
     task::{Context, Poll},
 };
-use tower::discover::{Change, Discover};
+use tower::discover::Discover;
 use tower_service::Service;
 
 /// A smooth weighted round-robin balancer over a [`Discover`] stream of services.
 pub struct RoundRobin<D: Discover> {
-    discover: D,
-    /// In discovery order, which breaks ties.
-    endpoints: IndexMap<D::Key, Slot<D::Service>>,
-    /// The endpoint made ready for the next `call`.
-    selected: Option<usize>,
+    /// Each endpoint's state is its smooth weighted round-robin current value.
+    set: ReadySet<D, i64>,
 }
 
-/// An endpoint's service and its balancing state.
-struct Slot<S> {
-    service: S,
-    /// The smooth weighted round-robin current value.
-    current: i64,
-    /// Polled ready and not called since.
-    ready: bool,
-}
-
-impl<S: Weight> Slot<S> {
-    fn weight(&self) -> i64 {
-        i64::from(self.service.weight().max(1))
-    }
+fn weight<S: Weight>(slot: &Slot<S, i64>) -> i64 {
+    i64::from(slot.service.weight().max(1))
 }
 
 impl<D: Discover> std::fmt::Debug for RoundRobin<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RoundRobin")
-            .field("endpoints", &self.endpoints.len())
-            .field(
-                "ready",
-                &self.endpoints.values().filter(|e| e.ready).count(),
-            )
+            .field("endpoints", &self.set.len())
+            .field("ready", &self.set.ready_len())
             .finish()
     }
 }
@@ -76,92 +55,39 @@ where
     /// Balances over the services `discover` yields.
     pub fn new(discover: D) -> Self {
         Self {
-            discover,
-            endpoints: IndexMap::new(),
-            selected: None,
+            set: ReadySet::new(discover),
         }
     }
+}
 
+impl<D: Discover> RoundRobin<D> {
     /// Number of endpoints, ready or not.
     pub fn len(&self) -> usize {
-        self.endpoints.len()
+        self.set.len()
     }
 
     /// Whether there are no endpoints.
     pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty()
-    }
-
-    fn update(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
-        while let Poll::Ready(Some(change)) = Pin::new(&mut self.discover).poll_discover(cx) {
-            // Any change may move indices: forget the selection.
-            self.selected = None;
-            match change.map_err(Into::into)? {
-                Change::Insert(key, service) => match self.endpoints.get_mut(&key) {
-                    // A replaced endpoint keeps its place in the rotation.
-                    Some(slot) => {
-                        slot.service = service;
-                        slot.ready = false;
-                    }
-                    None => {
-                        self.endpoints.insert(
-                            key,
-                            Slot {
-                                service,
-                                current: 0,
-                                ready: false,
-                            },
-                        );
-                    }
-                },
-                Change::Remove(key) => {
-                    // `shift_remove` keeps the order of the others.
-                    self.endpoints.shift_remove(&key);
-                }
-            }
-        }
-        Ok(())
+        self.set.len() == 0
     }
 }
 
-impl<D> RoundRobin<D>
+/// The ready endpoint the next pick goes to: the largest `current + weight`.
+fn candidate<D: Discover>(set: &ReadySet<D, i64>) -> Option<usize>
 where
-    D: Discover,
-    D::Key: Hash + Eq,
     D::Service: Weight,
 {
-    /// The ready endpoint the next pick goes to: the largest `current + weight`.
-    fn candidate(&self) -> Option<usize> {
-        let mut best: Option<(usize, i64)> = None;
-        for (i, slot) in self.endpoints.values().enumerate() {
-            if slot.ready {
-                let value = slot.current + slot.weight();
-                // Strictly greater: the first in discovery order wins a tie.
-                if best.is_none_or(|(_, b)| value > b) {
-                    best = Some((i, value));
-                }
+    let mut best: Option<(usize, i64)> = None;
+    for (i, slot) in set.slots().enumerate() {
+        if slot.ready {
+            let value = slot.state + weight(slot);
+            // Strictly greater: the first in discovery order wins a tie.
+            if best.is_none_or(|(_, b)| value > b) {
+                best = Some((i, value));
             }
         }
-        best.map(|(i, _)| i)
     }
-
-    /// Picks `selected`: every ready endpoint gains its weight, the picked one pays the
-    /// sum of them.
-    fn pick(&mut self, selected: usize) {
-        let mut total = 0;
-        for slot in self.endpoints.values_mut().filter(|s| s.ready) {
-            let weight = slot.weight();
-            slot.current += weight;
-            total += weight;
-        }
-        self.endpoints[selected].current -= total;
-    }
-
-    fn drop_failed(&mut self, i: usize, error: Error) {
-        tracing::debug!(%error, "dropping failed endpoint");
-        self.endpoints.shift_remove_index(i);
-        self.selected = None;
-    }
+    best.map(|(i, _)| i)
 }
 
 impl<D, Req> Service<Req> for RoundRobin<D>
@@ -180,50 +106,25 @@ where
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.update(cx)?;
-        // Learn which endpoints are eligible: poll every one not known to be ready.
-        let mut i = 0;
-        while i < self.endpoints.len() {
-            let slot = &mut self.endpoints[i];
-            if !slot.ready {
-                match slot.service.poll_ready(cx) {
-                    Poll::Ready(Ok(())) => slot.ready = true,
-                    Poll::Pending => {}
-                    Poll::Ready(Err(e)) => {
-                        self.drop_failed(i, e.into());
-                        continue;
-                    }
-                }
-            }
-            i += 1;
-        }
-        // Check the candidate once more before promising it to `call` (it was ready,
-        // but may have failed since); each round removes one endpoint from the choice.
-        while let Some(i) = self.candidate() {
-            match self.endpoints[i].service.poll_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    self.selected = Some(i);
-                    return Poll::Ready(Ok(()));
-                }
-                Poll::Pending => self.endpoints[i].ready = false,
-                Poll::Ready(Err(e)) => self.drop_failed(i, e.into()),
-            }
-        }
-        self.selected = None;
-        Poll::Pending
+        self.set.poll_select::<Req>(cx, candidate)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
         use futures_util::TryFutureExt;
-        let i = self
-            .selected
-            .take()
-            .expect("RoundRobin::call before poll_ready returned Ready");
         // The credits move when a request is sent, so a `poll_ready` that is not
-        // followed by a `call` changes nothing.
-        self.pick(i);
-        let slot = &mut self.endpoints[i];
-        slot.ready = false;
+        // followed by a `call` changes nothing: every ready endpoint gains its weight,
+        // the picked one pays the sum of them.
+        let mut total = 0;
+        for slot in self.set.slots_mut().filter(|s| s.ready) {
+            let w = weight(slot);
+            slot.state += w;
+            total += w;
+        }
+        let (_, slot) = self
+            .set
+            .take_selected()
+            .expect("RoundRobin::call before poll_ready returned Ready");
+        slot.state -= total;
         slot.service.call(req).map_err(Into::into as fn(_) -> Error)
     }
 }
@@ -234,6 +135,7 @@ mod tests {
     use crate::balance::{test_util::Receiver, Weighted};
     use futures_util::future::poll_fn;
     use tokio::sync::mpsc;
+    use tower::discover::Change;
     use tower_test::mock;
 
     type Mock = Weighted<mock::Mock<&'static str, &'static str>>;
