@@ -10,12 +10,12 @@
 //!     RequestMetrics     counts what the client gets, including baton's own errors
 //!     Timeout            one deadline for the request, retries included
 //!     Retry              connect failures only; re-enters the balancer
-//!     Buffer             shares the single-owner balancer between connections
+//!     Share              shares the single-owner balancer between connections
 //!     Balancer           p2c | rr | hash over discovery; fails fast with no endpoints
 //!       endpoint         Eject (out while failing to connect) -> span -> Count (balancer
 //!                        choices) -> Terminal: handoff, else HttpProxy
 //!
-//! Opaque connection: route by port -> NewCache<Logical> -> Retry -> Buffer ->
+//! Opaque connection: route by port -> NewCache<Logical> -> Retry -> Share ->
 //!   Balancer over Eject -> TcpConnect -> splice
 //! ```
 
@@ -41,6 +41,7 @@ use baton_layers::{
     },
     retry::ConnectRetry,
     route::{Router, Routes},
+    share::Share,
     target::{Endpoint, Logical, Protocol, LOCAL},
     trace::{EndpointSpan, Trace, TraceLayer},
     Error,
@@ -53,8 +54,7 @@ use std::{
 };
 use tokio::net::TcpStream;
 use tower::{
-    buffer::Buffer, discover::Change, retry::RetryLayer, util::BoxCloneSyncService, Layer, Service,
-    ServiceBuilder,
+    discover::Change, retry::RetryLayer, util::BoxCloneSyncService, Layer, Service, ServiceBuilder,
 };
 
 /// A logical HTTP stack, type-erased at the cache boundary.
@@ -162,14 +162,9 @@ where
 {
     let endpoint = ejecting(cfg, metrics, endpoint);
     let balance = new_balance(cfg, registry, endpoint, cfg.hash_key.clone());
-    let (metrics, timeout, retries, capacity) = (
-        metrics.clone(),
-        cfg.request_timeout,
-        cfg.retries,
-        cfg.max_in_flight,
-    );
+    let (metrics, timeout, retries) = (metrics.clone(), cfg.request_timeout, cfg.retries);
     ArcNewService::new(NewServiceFn::new(move |logical: Logical| {
-        let balancer = Buffer::new(balance.new_service(logical.clone()), capacity);
+        let balancer = Share::new(balance.new_service(logical.clone()));
         let service = logical.service.clone();
         BoxHttp::new(
             ServiceBuilder::new()
@@ -215,9 +210,9 @@ fn opaque(
         Count::new(tcp.new_service(ep), choices)
     });
     let balance = new_balance(cfg, registry, ejecting(cfg, metrics, endpoint), ClientIpKey);
-    let (retries, capacity) = (cfg.retries, cfg.max_in_flight);
+    let retries = cfg.retries;
     let logical = ArcNewService::new(NewServiceFn::new(move |logical: Logical| {
-        let balancer = Buffer::new(balance.new_service(logical), capacity);
+        let balancer = Share::new(balance.new_service(logical));
         BoxOpaque::new(
             ServiceBuilder::new()
                 .layer(RetryLayer::new(ConnectRetry::new(retries)))

@@ -168,7 +168,7 @@ pub fn response(status: StatusCode, reason: &'static str, line: String) -> Respo
 ///
 /// Sits at the top of each logical stack, so everything below it can fail with a typed
 /// error and the client still gets an answer. Readiness is the inner service's, except
-/// that a readiness *error* (e.g. the balancer's buffer worker is gone) makes this
+/// that a readiness *error* (e.g. discovery failing under the balancer) makes this
 /// service ready and answers the next request with that error's status: the stack above
 /// never sees an error.
 #[derive(Debug)]

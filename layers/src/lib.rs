@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! limit::InFlightLimit  -> route::Router -> cache::NewCache<Logical>
-//!   -> trace -> errors::ErrorResponse -> metrics -> timeout -> retry -> Buffer
+//!   -> trace -> errors::ErrorResponse -> metrics -> timeout -> retry -> share::Share
 //!   -> balance::Balancer (p2c | rr | hash) over discovery
 //!   -> endpoint: trace -> metrics::Count -> proxy::http::HttpProxy
 //!      (the terminal; the handoff terminal joins here)
@@ -32,6 +32,7 @@ pub mod new_service;
 pub mod proxy;
 pub mod retry;
 pub mod route;
+pub mod share;
 pub mod sys;
 pub mod target;
 pub mod trace;

@@ -7,7 +7,7 @@
 //! Nothing else is retried: a request that may have reached the application is never
 //! repeated, and a body is never buffered to make a retry possible.
 //!
-//! Sits below the request timeout (retries share one deadline) and above the buffered
+//! Sits below the request timeout (retries share one deadline) and above the shared
 //! balancer.
 
 use crate::{body::Body, errors, proxy::tcp::OpaqueRequest, Error};
