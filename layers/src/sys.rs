@@ -231,6 +231,12 @@ struct CapData {
     inheritable: u32,
 }
 
+/// This process's effective user ID.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Lets the programs this process runs (`nft`, `ip`) inherit CAP_NET_ADMIN when the
 /// process is not root and holds it as a file capability (`setcap cap_net_admin+ep`):
 /// raises it into the inheritable and ambient sets. Without that a child starts over
@@ -241,8 +247,7 @@ struct CapData {
 /// Returns whether it raised the capability; `Ok(false)` for root (whose children keep
 /// their capabilities) or when the process does not hold CAP_NET_ADMIN.
 pub fn inherit_net_admin() -> io::Result<bool> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if euid() == 0 {
         return Ok(false);
     }
     let mut header = CapHeader {

@@ -8,8 +8,11 @@
 //! who served them (`x-served-by: --name`).
 //!
 //! ```text
-//! baton-pass-app --root DIR [--listen 127.0.0.1:8080] [--pass /run/baton/app.sock] [--name NAME]
+//! baton-pass-app --root DIR [--listen 127.0.0.1:8080] [--pass /run/baton/app.sock [--allow-uid UID]...] [--name NAME]
 //! ```
+//!
+//! `--allow-uid` names a user whose offers it takes (repeatable), instead of the
+//! default of root and its own user: for a baton running as neither.
 //!
 //! Files are read into memory at startup (it serves what tests and benchmarks ask of
 //! it, not a changing tree).
@@ -37,15 +40,17 @@ struct Args {
     root: PathBuf,
     listen: SocketAddr,
     pass: Option<PathBuf>,
+    allow_uids: Vec<u32>,
     name: String,
 }
 
-const USAGE: &str = "usage: baton-pass-app --root DIR [--listen 127.0.0.1:8080] [--pass /run/baton/app.sock] [--name NAME]";
+const USAGE: &str = "usage: baton-pass-app --root DIR [--listen 127.0.0.1:8080] [--pass /run/baton/app.sock [--allow-uid UID]...] [--name NAME]";
 
 fn parse_args() -> Result<Args, String> {
     let mut root = None;
     let mut listen: SocketAddr = ([127, 0, 0, 1], 8080).into();
     let mut pass = None;
+    let mut allow_uids = Vec::new();
     let mut name = "baton-pass-app".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -59,6 +64,13 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|_| format!("--listen {v}: expected IP:PORT"))?;
             }
             "--pass" => pass = Some(PathBuf::from(value()?)),
+            "--allow-uid" => {
+                let v = value()?;
+                allow_uids.push(
+                    v.parse()
+                        .map_err(|_| format!("--allow-uid {v}: expected a numeric user ID"))?,
+                );
+            }
             "--name" => name = value()?,
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument {other}")),
@@ -68,6 +80,7 @@ fn parse_args() -> Result<Args, String> {
         root: root.ok_or("--root is required")?,
         listen,
         pass,
+        allow_uids,
         name,
     })
 }
@@ -154,7 +167,10 @@ async fn run(args: Args) -> std::io::Result<()> {
     });
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     if let Some(path) = &args.pass {
-        let passes = PassListener::bind(path)?;
+        let mut passes = PassListener::bind(path)?;
+        if !args.allow_uids.is_empty() {
+            passes = passes.allow_uids(args.allow_uids.iter().copied());
+        }
         let site = site.clone();
         tokio::spawn(async move {
             loop {

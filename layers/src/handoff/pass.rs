@@ -27,6 +27,11 @@
 //! client is its peer address and the address the client dialled its local one.
 //! baton keeps watching the connection (sock_diag) to remove its kernel entries when
 //! the application closes it. [`PassListener`] is the application side in Rust.
+//!
+//! Whoever can connect to the application's socket can hand it connections, so the
+//! receiver takes offers only from the user IDs it trusts (`SO_PEERCRED`: by default
+//! root and its own; [`PassListener::allow_uids`] when baton runs as another user), and
+//! the socket's directory should be writable by baton and the application alone.
 
 use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::{
@@ -168,28 +173,49 @@ pub struct Passed {
 #[derive(Debug)]
 pub struct PassListener {
     listener: UnixListener,
+    allowed: std::sync::Arc<[u32]>,
 }
 
 impl PassListener {
-    /// Listens at `path`, replacing a stale socket file left by an earlier run.
+    /// Listens at `path`, taking offers from root and from this process's user.
+    ///
+    /// A socket file left by an earlier run is replaced; one that a running process
+    /// still accepts on is not (`AddrInUse`): two receivers would split its offers.
     pub fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
         use std::os::unix::fs::FileTypeExt;
         let path = path.as_ref();
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if meta.file_type().is_socket() {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("{} is in use by a running receiver", path.display()),
+                    ));
+                }
                 std::fs::remove_file(path)?;
             }
         }
+        let own = crate::sys::euid();
         Ok(Self {
             listener: UnixListener::bind(path)?,
+            allowed: [0, own].into(),
         })
+    }
+
+    /// Takes offers only from these user IDs (instead of root and this process's).
+    pub fn allow_uids(mut self, uids: impl IntoIterator<Item = u32>) -> Self {
+        self.allowed = uids.into_iter().collect();
+        self
     }
 
     /// The next offer from baton; [`Incoming::take`] receives its connection (run it
     /// on its own task, so that one slow offer does not hold up the others).
     pub async fn accept(&self) -> io::Result<Incoming> {
         let (conn, _) = self.listener.accept().await?;
-        Ok(Incoming { conn })
+        Ok(Incoming {
+            conn,
+            allowed: self.allowed.clone(),
+        })
     }
 }
 
@@ -197,18 +223,41 @@ impl PassListener {
 #[derive(Debug)]
 pub struct Incoming {
     conn: UnixStream,
+    allowed: std::sync::Arc<[u32]>,
 }
 
 impl Incoming {
-    /// Reads the offer, checks that it carries a TCP socket, and acknowledges it;
-    /// fails if that takes longer than [`GIVE_TIMEOUT`] (baton has given up by then).
-    pub async fn take(self) -> io::Result<Passed> {
-        tokio::time::timeout(GIVE_TIMEOUT, self.read_offer())
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "incomplete offer"))?
+    /// Checks who sent the offer, reads it, checks that it carries a TCP socket, and
+    /// acknowledges it; fails if that takes longer than [`GIVE_TIMEOUT`] (baton has
+    /// given up by then). An offer from a user not allowed fails with
+    /// `PermissionDenied`; it is read and dropped, unacknowledged, so that the sender
+    /// sees the protocol's refusal and relays the connection itself (closing with the
+    /// offer unread would look to it like a failure after the socket left).
+    pub async fn take(mut self) -> io::Result<Passed> {
+        let uid = self.conn.peer_cred()?.uid();
+        let trusted = self.allowed.contains(&uid);
+        let offer = tokio::time::timeout(GIVE_TIMEOUT, async {
+            let passed = self.read_offer().await?;
+            if trusted {
+                self.conn.write_all(&[ACK]).await?;
+            }
+            Ok::<_, io::Error>(passed)
+        })
+        .await;
+        if !trusted {
+            // Dropping the offer closes this process's copy of its socket; the stream
+            // closes with nothing unread.
+            drop(offer);
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("offer from user {uid}, who may not pass connections"),
+            ));
+        }
+        offer.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "incomplete offer"))?
     }
 
-    async fn read_offer(mut self) -> io::Result<Passed> {
+    /// Reads the offer and checks its socket; acknowledging is the caller's.
+    async fn read_offer(&mut self) -> io::Result<Passed> {
         let mut header = [0u8; HEADER];
         let mut got = 0;
         let mut socket = None;
@@ -226,15 +275,7 @@ impl Incoming {
                 "not a baton offer",
             ));
         }
-        let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
-        if len > MAX_PREFIX {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "prefix too long",
-            ));
-        }
-        let mut prefix = vec![0u8; len];
-        self.conn.read_exact(&mut prefix).await?;
+        // The socket came with the header's bytes: check it before taking the prefix.
         let socket = socket.ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidData, "the offer carried no socket")
         })?;
@@ -245,10 +286,18 @@ impl Incoming {
                 "the offer's socket is not a connected TCP socket",
             ));
         }
+        let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        if len > MAX_PREFIX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "prefix too long",
+            ));
+        }
+        let mut prefix = vec![0u8; len];
+        self.conn.read_exact(&mut prefix).await?;
         // Non-blocking whatever the sender left it as: the caller registers it with an
         // event loop.
         socket.set_nonblocking(true)?;
-        self.conn.write_all(&[ACK]).await?;
         Ok(Passed {
             stream: socket.into(),
             prefix,
@@ -363,7 +412,7 @@ mod tests {
         let (scratch, app) = listening("refused");
         let (_client, server) = tcp_pair();
         let refuser = tokio::spawn(async move {
-            let Incoming { mut conn } = app.accept().await.unwrap();
+            let Incoming { mut conn, .. } = app.accept().await.unwrap();
             // Reads the whole offer (header and the one-byte prefix), then closes.
             let mut b = [0u8; HEADER + 1];
             conn.read_exact(&mut b).await.unwrap();
@@ -383,7 +432,7 @@ mod tests {
         let (scratch, app) = listening("doubt");
         let (_client, server) = tcp_pair();
         let silent = tokio::spawn(async move {
-            let Incoming { mut conn } = app.accept().await.unwrap();
+            let Incoming { mut conn, .. } = app.accept().await.unwrap();
             let mut b = [0u8; HEADER + 1];
             conn.read_exact(&mut b).await.unwrap();
             tokio::time::sleep(GIVE_TIMEOUT * 3).await;
@@ -402,7 +451,57 @@ mod tests {
         conn.write_all(b"BTP1\0\0\0\x01x").await.unwrap();
         let err = taker.await.unwrap().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        // The receiver closes without reading the prefix: end of stream or a reset.
         let mut ack = [0u8; 1];
-        assert_eq!(conn.read(&mut ack).await.unwrap(), 0, "no acknowledgement");
+        match conn.read(&mut ack).await {
+            Ok(0) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            other => panic!("expected no acknowledgement, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_offer_from_a_user_not_allowed_is_refused() {
+        let (scratch, app) = listening("uid");
+        // No real sender runs as this user.
+        let app = app.allow_uids([u32::MAX - 7]);
+        let (_client, server) = tcp_pair();
+        let taker = tokio::spawn(async move { app.accept().await.unwrap().take().await });
+        let mut conn = connect(&scratch.path).await.unwrap();
+        let err = give(&mut conn, server.as_fd(), b"x").await.unwrap_err();
+        assert!(matches!(err, GiveError::NotTaken(_)), "{err}");
+        let err = taker.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+    }
+
+    #[tokio::test]
+    async fn binding_over_a_running_receiver_fails_and_leaves_it_working() {
+        let (scratch, app) = listening("twice");
+        let err = PassListener::bind(&scratch.path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+        // The first receiver still gets offers at the same path.
+        let (_client, server) = tcp_pair();
+        let taker = tokio::spawn(async move {
+            // bind's probe is the first connection in the backlog: an empty offer.
+            let probe = app.accept().await.unwrap().take().await.unwrap_err();
+            assert_eq!(probe.kind(), io::ErrorKind::UnexpectedEof, "{probe}");
+            app.accept().await.unwrap().take().await
+        });
+        let mut conn = connect(&scratch.path).await.unwrap();
+        give(&mut conn, server.as_fd(), b"x").await.unwrap();
+        assert_eq!(taker.await.unwrap().unwrap().prefix, b"x");
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_file_is_replaced() {
+        let (scratch, app) = listening("stale");
+        drop(app); // the file stays behind, nobody accepts on it
+        assert!(scratch.path.exists());
+        let app = PassListener::bind(&scratch.path).unwrap();
+        let (_client, server) = tcp_pair();
+        let taker = tokio::spawn(async move { app.accept().await.unwrap().take().await });
+        let mut conn = connect(&scratch.path).await.unwrap();
+        give(&mut conn, server.as_fd(), b"y").await.unwrap();
+        assert_eq!(taker.await.unwrap().unwrap().prefix, b"y");
     }
 }
