@@ -138,6 +138,6 @@ fn start(m: &mut Membership) {
     };
     let (stop, stop_rx) = watch::channel(false);
     registrar.reopen();
-    let task = tokio::spawn(async move { registrar.run(stop_rx).await });
+    let task = tokio::spawn(registrar.supervise(stop_rx));
     m.running = Some((task, stop));
 }

@@ -17,12 +17,15 @@
 use super::{
     api::Registration,
     client::{blocking_deadline, encode, go_duration, Client, Error, CALL_TIMEOUT},
-    retry::{Backoff, TokenBucket},
+    retry::{self, Backoff, Exit, TokenBucket},
 };
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use std::{
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 use tokio::sync::{watch, Mutex};
@@ -130,6 +133,29 @@ impl Registrar {
             return Ok(());
         }
         rsp.success().map(drop)
+    }
+
+    /// [`run`](Self::run) in a task of its own, started again after a backoff should it
+    /// panic (it should not; if it did, the instance would silently stop being kept
+    /// registered): logged at error. Returns when `run` does; dropping it stops the task.
+    pub async fn supervise(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        let (id, service) = (self.id.clone(), self.name.clone());
+        let backoff = self.backoff;
+        retry::supervise(
+            backoff,
+            move || {
+                let (me, stop) = (self.clone(), stop.clone());
+                async move {
+                    me.run(stop).await;
+                    Exit::Done
+                }
+            },
+            |why, restarts, delay| {
+                tracing::error!(service = &*service, id = &*id, restarts, retry_in = ?delay,
+                    "the Consul registration loop {why}; restarting it");
+            },
+        )
+        .await
     }
 
     /// Registers, then keeps the registration in place until `stop` turns true (or its

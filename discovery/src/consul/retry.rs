@@ -2,7 +2,7 @@
 //! off exponentially with jitter.
 
 use rand::Rng;
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 use tokio::time::Instant;
 
 /// A token bucket: up to `burst` requests at once, `rate` per second sustained. A loop
@@ -84,6 +84,68 @@ impl Backoff {
         // Saturating: with a `max` near `Duration::MAX` the float product can round up.
         half.saturating_add(half.mul_f64(rand::rng().random::<f64>()))
             .min(ceiling)
+    }
+}
+
+/// How a supervised task's run ended, when it ended without panicking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// Its work is over: the supervisor returns.
+    Done,
+    /// It should not have ended: started again like after a panic.
+    Restart,
+}
+
+/// A task that ran this long before failing starts over with the shortest backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// Runs `start()`'s future in a task of its own, and again after a backoff whenever it
+/// panics or returns [`Exit::Restart`], telling `failed` why ("panicked: …" or
+/// "ended"), the restart count and the delay first. A loop that should run for the life
+/// of the process must not silently stop on a bug. Returns when a run returns
+/// [`Exit::Done`] or the runtime cancels the task; dropping the supervisor stops it.
+pub(crate) async fn supervise<F, Fut>(
+    backoff: Backoff,
+    mut start: F,
+    mut failed: impl FnMut(&str, u32, Duration),
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Exit> + Send + 'static,
+{
+    /// Aborts the task when the supervisor goes away.
+    struct Abort(tokio::task::JoinHandle<Exit>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+
+    let mut restarts = 0u32;
+    loop {
+        let started = Instant::now();
+        let mut task = Abort(tokio::spawn(start()));
+        let why = match (&mut task.0).await {
+            Ok(Exit::Done) => return,
+            Ok(Exit::Restart) => "ended".to_string(),
+            Err(e) if e.is_panic() => {
+                let payload = e.into_panic();
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                format!("panicked: {message}")
+            }
+            // Cancelled: only the runtime shutting down does that.
+            Err(_) => return,
+        };
+        if started.elapsed() >= HEALTHY_RUN {
+            restarts = 0;
+        }
+        restarts = restarts.saturating_add(1);
+        let delay = backoff.delay(restarts);
+        failed(&why, restarts, delay);
+        tokio::time::sleep(delay).await;
     }
 }
 
@@ -184,5 +246,56 @@ mod tests {
         assert_eq!(t0.elapsed(), Duration::ZERO);
         b.acquire().await;
         assert_eq!(t0.elapsed(), Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_supervised_task_is_restarted_after_a_panic_and_not_after_it_is_done() {
+        use std::sync::{
+            atomic::{AtomicU32, Ordering},
+            Arc, Mutex,
+        };
+        let starts = Arc::new(AtomicU32::new(0));
+        let failures = Mutex::new(Vec::new());
+        let backoff = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        let begun = Instant::now();
+        supervise(
+            backoff,
+            || {
+                let n = starts.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    match n {
+                        1 => panic!("a bug"),
+                        2 => Exit::Restart,
+                        _ => Exit::Done,
+                    }
+                }
+            },
+            |why, restarts, delay| {
+                failures
+                    .lock()
+                    .unwrap()
+                    .push((why.to_string(), restarts, delay))
+            },
+        )
+        .await;
+        assert_eq!(starts.load(Ordering::SeqCst), 3, "ran until done, no more");
+        let failures = failures.into_inner().unwrap();
+        assert_eq!(failures.len(), 2, "{failures:?}");
+        assert_eq!(failures[0].0, "panicked: a bug");
+        assert_eq!(failures[1].0, "ended");
+        assert_eq!((failures[0].1, failures[1].1), (1, 2));
+        // Jittered exponential backoff: 50–100 ms, then 100–200 ms, both slept.
+        assert!(
+            failures[0].2 >= Duration::from_millis(50)
+                && failures[0].2 <= Duration::from_millis(100)
+        );
+        assert!(
+            failures[1].2 >= Duration::from_millis(100)
+                && failures[1].2 <= Duration::from_millis(200)
+        );
+        assert!(begun.elapsed() >= failures[0].2 + failures[1].2);
     }
 }

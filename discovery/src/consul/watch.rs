@@ -26,7 +26,7 @@
 use super::{
     api::{Host, ServiceEntry, Target},
     client::{blocking_deadline, encode, go_duration, Client, Error, CALL_TIMEOUT},
-    retry::{Backoff, TokenBucket},
+    retry::{self, Backoff, Exit, TokenBucket},
 };
 use crate::{Instance, Registry};
 use futures_util::StreamExt;
@@ -38,7 +38,6 @@ use std::{
     sync::Arc,
     time::Duration,
 };
-use tokio::time::Instant;
 
 /// Settings of the watches (`BATON_CONSUL_*`).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -370,9 +369,6 @@ where
         .collect()
 }
 
-/// A watch that ran this long before failing starts over with the shortest backoff.
-const HEALTHY_RUN: Duration = Duration::from_secs(60);
-
 /// Runs `start()`'s future in a task, again and again: see [`Watch::supervise`].
 /// Dropping the supervisor stops the task.
 pub(crate) async fn supervise<F, Fut>(
@@ -384,43 +380,23 @@ pub(crate) async fn supervise<F, Fut>(
     F: FnMut() -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    /// Aborts the task when the supervisor goes away.
-    struct Abort(tokio::task::JoinHandle<()>);
-    impl Drop for Abort {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-
-    let mut restarts = 0u32;
-    loop {
-        let started = Instant::now();
-        let mut task = Abort(tokio::spawn(start()));
-        let why = match (&mut task.0).await {
-            Ok(()) => "ended".to_string(),
-            Err(e) if e.is_panic() => {
-                let payload = e.into_panic();
-                let message = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "(no message)".into());
-                format!("panicked: {message}")
+    retry::supervise(
+        backoff,
+        move || {
+            let run = start();
+            async move {
+                run.await;
+                Exit::Restart
             }
-            // Cancelled: only the runtime shutting down does that.
-            Err(_) => return,
-        };
-        registry.mark_stale(service);
-        if started.elapsed() >= HEALTHY_RUN {
-            restarts = 0;
-        }
-        restarts = restarts.saturating_add(1);
-        let delay = backoff.delay(restarts);
-        let kept = registry.instances(service).len();
-        tracing::error!(service, restarts, retry_in = ?delay, kept_instances = kept,
-            "the Consul watch {why}; serving the last known instances and restarting it");
-        tokio::time::sleep(delay).await;
-    }
+        },
+        |why, restarts, delay| {
+            registry.mark_stale(service);
+            let kept = registry.instances(service).len();
+            tracing::error!(service, restarts, retry_in = ?delay, kept_instances = kept,
+                "the Consul watch {why}; serving the last known instances and restarting it");
+        },
+    )
+    .await
 }
 
 #[cfg(test)]
