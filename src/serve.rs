@@ -4,10 +4,10 @@
 //! client and original destination, detection with its timeout, and — for HTTP/1 — a
 //! check of the first request head and of each head that wakes a parked connection (a
 //! malformed one is answered `400` with a body and closed; one over
-//! `BATON_MAX_HEADER_BYTES` or [`MAX_HEADERS`] is answered `431`). Every request then
+//! `BATON_MAX_HEADER_BYTES` or `MAX_HEADERS` (100) is answered `431`). Every request then
 //! carries the connection's [`ClientInfo`] into the request stack.
 //!
-//! Idle HTTP/1 keep-alive connections are parked without buffers (see [`http1`]).
+//! Idle HTTP/1 keep-alive connections are parked without buffers (see the `http1` module).
 //!
 //! Shutdown: each connection holds a receiver of the drain signal. When it fires,
 //! HTTP/1 connections finish the request in flight and close (idle keep-alives close

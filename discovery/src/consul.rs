@@ -6,7 +6,7 @@
 //!   known instances while Consul cannot be reached.
 //! - [`register`] registers the local service with the agent, re-registers it when the
 //!   agent loses it, and deregisters it on shutdown.
-//! - [`env`] reads the consul CLI's standard environment (`CONSUL_HTTP_ADDR`, tokens,
+//! - [`env`](mod@env) reads the consul CLI's standard environment (`CONSUL_HTTP_ADDR`, tokens,
 //!   TLS) into [`ClientSettings`]; [`Client`] speaks HTTP/1.1 to the agent over TCP,
 //!   TLS (rustls) or a Unix socket.
 //!

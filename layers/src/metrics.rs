@@ -6,7 +6,7 @@
 //! and histograms behind a mutex, which is the cost this module exists to avoid.
 //!
 //! [`RequestMetricsLayer`] sits in each logical stack: it counts responses by status
-//! and observes the time to response headers. [`CountLayer`] counts calls (the balancer
+//! and observes the time to response headers. [`Count`] counts calls (the balancer
 //! choosing an endpoint).
 
 use crate::{errors, Error};

@@ -528,7 +528,7 @@ impl Handoff {
         closed.entry(notices).or_default().push(flow);
     }
 
-    /// Sends the queued "closed" notices every [`NOTICE_EVERY`], batched per FE.
+    /// Sends the queued "closed" notices every `NOTICE_EVERY` (100 ms), batched per FE.
     /// Runs until the process ends.
     ///
     /// Notices keep a short connection of their own per batch rather than riding a
@@ -538,7 +538,7 @@ impl Handoff {
     /// would be needed anyway; and the FE tells whose flows a notice may touch by the
     /// address it comes from, which a connection bound here to the redirect's BE
     /// address gives. Notices are off every handoff's critical path, and batching
-    /// makes them one connection per FE per [`NOTICE_EVERY`] at most.
+    /// makes them one connection per FE per `NOTICE_EVERY` at most.
     pub async fn notices(self: Arc<Self>) {
         loop {
             tokio::time::sleep(NOTICE_EVERY).await;

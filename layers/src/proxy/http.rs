@@ -28,7 +28,7 @@
 //! their bodies.
 //!
 //! Always ready: connections are opened on demand. Failures are typed:
-//! [`ConnectError`](crate::errors::ConnectError) when no connection could be made (the
+//! [`ConnectError`] when no connection could be made (the
 //! request was not sent; retryable), [`UpstreamError`] otherwise.
 
 use super::{
