@@ -15,7 +15,7 @@
 //!
 //! Only connect failures count: a response, even a 5xx, means the endpoint is there,
 //! and errors after a request was sent are the application's to report. And the last
-//! endpoint of a service that is not ejected is never ejected (the panic rule of
+//! endpoint of a balancer that is not ejected is never ejected (the panic rule of
 //! Envoy's outlier detection): with every endpoint failing, requests fail fast with
 //! 502 instead of waiting for an ejection to end.
 //!
@@ -24,7 +24,11 @@
 //! polled it when the ejection ends.
 
 use crate::{
-    errors::ConnectError, metrics::Counter, new_service::NewService, target::Endpoint, Error,
+    errors::ConnectError,
+    metrics::Counter,
+    new_service::NewService,
+    target::{Endpoint, Logical},
+    Error,
 };
 use pin_project_lite::pin_project;
 use std::{
@@ -235,12 +239,13 @@ where
 }
 
 /// Builds an [`Eject`] around every endpoint service `N` builds; endpoints of one
-/// service share the count that keeps the last one in.
+/// logical target (one balancer: a service and protocol, a `local` destination) share
+/// the count that keeps the last one in.
 #[derive(Clone)]
 pub struct NewEject<N> {
     inner: N,
     cfg: EjectConfig,
-    services: Arc<Mutex<HashMap<Arc<str>, Weak<ServiceHealth>>>>,
+    services: Arc<Mutex<HashMap<Logical, Weak<ServiceHealth>>>>,
     counters: Arc<dyn Fn(&Endpoint) -> Counter + Send + Sync>,
 }
 
@@ -277,9 +282,10 @@ impl<N: NewService<Endpoint>> NewService<Endpoint> for NewEject<N> {
         let health = {
             let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
             services.retain(|_, h| h.strong_count() > 0);
-            let entry = services
-                .entry(endpoint.logical.service.clone())
-                .or_default();
+            // By the whole target, not the service's name: the `local` target has one
+            // balancer per destination, and a service routed both as HTTP and as
+            // opaque TCP has a balancer for each.
+            let entry = services.entry(endpoint.logical.clone()).or_default();
             entry.upgrade().unwrap_or_else(|| {
                 let health = Arc::new(ServiceHealth::default());
                 *entry = Arc::downgrade(&health);
@@ -309,7 +315,7 @@ impl<N: NewService<Endpoint>> NewService<Endpoint> for NewEject<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::{Lb, Logical, Protocol, UpstreamProtocol};
+    use crate::target::{Lb, Protocol, UpstreamProtocol};
     use tower_test::mock;
 
     fn refused() -> crate::Error {
@@ -473,6 +479,44 @@ mod tests {
             request(svc, handle, Err(refused())).await;
         }
         assert!(ready(svc, handle));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn balancers_of_one_service_name_each_keep_their_last_endpoint() {
+        // `local` has a balancer of one endpoint per destination, all named "local";
+        // and "web" routed as HTTP and as opaque TCP has two balancers of its one
+        // endpoint.
+        let handles = std::sync::Mutex::new(Vec::new());
+        let new = NewEject::new(
+            crate::new_service::NewServiceFn::new(|_: Endpoint| {
+                let (svc, handle) = mock::pair::<(), ()>();
+                handles.lock().unwrap().push(handle);
+                svc
+            }),
+            EjectConfig::default(),
+            |_| Counter::default(),
+        );
+        let mut app = endpoint(crate::target::LOCAL, 8080);
+        app.logical.dst = Some(app.addr);
+        let mut metrics = endpoint(crate::target::LOCAL, 9090);
+        metrics.logical.dst = Some(metrics.addr);
+        let http = endpoint("web", 8000);
+        let mut opaque = endpoint("web", 8000);
+        opaque.logical.protocol = Protocol::Opaque;
+        let mut svcs: Vec<_> = [app, metrics, http, opaque]
+            .into_iter()
+            .map(|e| new.new_service(e))
+            .collect();
+        let mut handles = handles.into_inner().unwrap();
+        for (svc, handle) in svcs.iter_mut().zip(handles.iter_mut()) {
+            for _ in 0..5 {
+                request(svc, handle, Err(refused())).await;
+            }
+            assert!(
+                ready(svc, handle),
+                "the only endpoint of its balancer stays in"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
