@@ -122,6 +122,21 @@ impl ServiceEntry {
         format!("{}/{}", self.node.node, self.service.id)
     }
 
+    /// The handoff port in the metadata, if any; an error saying why when the value is
+    /// not a port (the instance is then used without one: a bad value must not take it
+    /// out of plain proxying).
+    pub fn handoff_port(&self) -> Result<Option<u16>, String> {
+        match self.service.meta.get(META_HANDOFF_PORT) {
+            None => Ok(None),
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .map(Some)
+                .ok_or_else(|| format!("meta {META_HANDOFF_PORT}={p:?} is not a port")),
+        }
+    }
+
     /// Where the instance is and how balancers see it: `Service.Address`, else
     /// `Node.Address` (an IP address, or a DNS host name, which Consul allows); the
     /// port; the handoff port from the metadata; `Weights.Passing` (baton asks for
@@ -148,20 +163,11 @@ impl ServiceEntry {
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| format!("port {} is not a port", self.service.port))?;
-        let handoff_port = match self.service.meta.get(META_HANDOFF_PORT) {
-            None => None,
-            Some(p) => Some(
-                p.parse::<u16>()
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| format!("meta {META_HANDOFF_PORT}={p:?} is not a port"))?,
-            ),
-        };
         Ok(Target {
             id: Arc::from(self.key()),
             host,
             port,
-            handoff_port,
+            handoff_port: self.handoff_port().unwrap_or(None),
             weight: self.service.weights.passing.max(1),
         })
     }
@@ -460,9 +466,17 @@ mod tests {
         assert!(
             bad(serde_json::json!({"ID": "a", "Service": "s", "Port": 70000})).contains("port")
         );
-        assert!(bad(serde_json::json!({"ID": "a", "Service": "s", "Port": 1,
-                                         "Meta": {"baton-handoff-port": "x"}}))
-        .contains(META_HANDOFF_PORT));
+        // A bad handoff port is not a reason to skip the instance: it has none.
+        let bad_meta = entry(
+            serde_json::json!({"Node": {"Node": "n", "Address": "10.0.0.1"},
+            "Service": {"ID": "a", "Service": "s", "Port": 1, "Meta": {"baton-handoff-port": "x"}}}),
+        );
+        assert!(bad_meta
+            .handoff_port()
+            .unwrap_err()
+            .contains(META_HANDOFF_PORT));
+        let t = bad_meta.to_target().unwrap();
+        assert_eq!((t.port, t.handoff_port), (1, None));
     }
 
     #[test]

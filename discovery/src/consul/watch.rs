@@ -15,7 +15,8 @@
 //! - failures back off exponentially with jitter.
 //!
 //! Instances whose address is a DNS host name (Consul allows one) are resolved here,
-//! afresh for every answer, before publishing: never on the request path.
+//! afresh for every answer, before publishing: never on the request path. A name that
+//! stops resolving keeps its last address.
 //!
 //! Each answer replaces the service's snapshot in the [`Registry`]; the registry hands
 //! every balancer only the difference (insertions and removals by instance ID). When
@@ -192,6 +193,7 @@ impl Watch {
         let mut published: Option<usize> = None;
         let mut acl_warned = false;
         let mut skipped = HashSet::new();
+        let mut resolved = HashMap::new();
         loop {
             bucket.acquire().await;
             match health_service(&self.client, service, index, self.settings.wait).await {
@@ -204,7 +206,9 @@ impl Watch {
                         acl_warned = true;
                         tracing::warn!(service, "Consul hid instances this ACL token may not read (X-Consul-Results-Filtered-By-ACLs); grant it service:read");
                     }
-                    let instances = self.instances(&health.entries, &mut skipped).await;
+                    let instances = self
+                        .instances(&health.entries, &mut skipped, &mut resolved)
+                        .await;
                     let count = instances.len();
                     self.registry.publish(service, instances);
                     if published != Some(count) {
@@ -248,25 +252,39 @@ impl Watch {
         }
     }
 
-    /// The usable instances, host names resolved; each unusable one is logged at warn
-    /// the first time it is seen (answers repeat the whole list), then at debug.
-    async fn instances(&self, entries: &[Entry], skipped: &mut HashSet<String>) -> Vec<Instance> {
+    /// The usable instances, host names resolved; each unusable one (and each bad
+    /// handoff port) is logged at warn the first time it is seen (answers repeat the
+    /// whole list), then at debug.
+    async fn instances(
+        &self,
+        entries: &[Entry],
+        skipped: &mut HashSet<String>,
+        resolved: &mut HashMap<String, IpAddr>,
+    ) -> Vec<Instance> {
         let mut now_skipped = HashSet::new();
-        let instances = resolve_entries(entries, lookup)
+        let mut note = |key: String, what: &str, why: &str| {
+            if skipped.contains(&key) {
+                tracing::debug!(service = %self.service, instance = %key, "{what}: {why}");
+            } else {
+                tracing::warn!(service = %self.service, instance = %key, "{what}: {why}");
+            }
+            now_skipped.insert(key);
+        };
+        for e in entries.iter().flatten() {
+            if let Err(why) = e.handoff_port() {
+                let what = "a Consul instance's handoff port is ignored (it is proxied to)";
+                note(format!("{} (meta)", e.key()), what, &why);
+            }
+        }
+        let instances = resolve_entries(entries, lookup, resolved)
             .await
             .into_iter()
-            .filter_map(|e| {
-                let (key, why) = match e {
-                    Ok(i) => return Some(i),
-                    Err(skip) => skip,
-                };
-                if skipped.contains(&key) {
-                    tracing::debug!(service = %self.service, instance = %key, "skipping a Consul instance: {why}");
-                } else {
-                    tracing::warn!(service = %self.service, instance = %key, "skipping a Consul instance: {why}");
+            .filter_map(|e| match e {
+                Ok(i) => Some(i),
+                Err((key, why)) => {
+                    note(key, "skipping a Consul instance", &why);
+                    None
                 }
-                now_skipped.insert(key);
-                None
             })
             .collect();
         *skipped = now_skipped;
@@ -294,12 +312,16 @@ async fn lookup(name: String) -> Result<Vec<IpAddr>, String> {
 /// The entries as instances, or the key and the reason each unusable one is skipped.
 /// Host names are resolved with `resolve` — each name once per call, so every answer
 /// from Consul resolves them afresh, several at a time, each within
-/// [`RESOLVE_TIMEOUT`] — and an instance whose name does not resolve is skipped. A
-/// name with IPv4 addresses gets the first of them (most services listen there),
-/// otherwise the first address.
+/// [`RESOLVE_TIMEOUT`]. A name with IPv4 addresses gets the first of them (most
+/// services listen there), otherwise the first address. `last` holds the address each
+/// name last resolved to: a name that does not resolve now keeps that one (a resolver
+/// outage must not take healthy instances out, just as a Consul outage does not), and
+/// only an instance whose name never resolved is skipped. Names no longer in the answer
+/// are forgotten.
 pub(crate) async fn resolve_entries<R, Fut>(
     entries: &[Entry],
     resolve: R,
+    last: &mut HashMap<String, IpAddr>,
 ) -> Vec<Result<Instance, (String, String)>>
 where
     R: Fn(String) -> Fut,
@@ -350,6 +372,27 @@ where
         .buffer_unordered(RESOLVE_CONCURRENCY)
         .collect()
         .await;
+    last.retain(|name, _| resolved.contains_key(name));
+    let resolved: HashMap<String, Result<IpAddr, String>> = resolved
+        .into_iter()
+        .map(|(name, ip)| {
+            let ip = match ip {
+                Ok(ip) => {
+                    last.insert(name.clone(), ip);
+                    Ok(ip)
+                }
+                Err(e) => match last.get(&name) {
+                    Some(&ip) => {
+                        tracing::warn!(host = %name, error = %e, last = %ip,
+                            "cannot resolve a Consul instance's host name; keeping its last address");
+                        Ok(ip)
+                    }
+                    None => Err(e),
+                },
+            };
+            (name, ip)
+        })
+        .collect();
     targets
         .iter()
         .map(|t| {
@@ -513,7 +556,8 @@ mod tests {
             entry("empty.test", "empty", 85),
             entry("slow.test", "slow", 86),
         ];
-        let got = resolve_entries(&entries, resolver).await;
+        let mut last = HashMap::new();
+        let got = resolve_entries(&entries, resolver, &mut last).await;
         let ok: Vec<String> = got
             .iter()
             .filter_map(|r| r.as_ref().ok())
@@ -550,13 +594,52 @@ mod tests {
                 "v6.test"
             ]
         );
-        resolve_entries(&entries[1..2], resolver).await;
+        resolve_entries(&entries[1..2], resolver, &mut last).await;
         assert_eq!(asked.lock().unwrap().len(), 6);
+        // Only names still in the answer are remembered.
+        assert_eq!(last.len(), 1, "{last:?}");
+    }
+
+    #[tokio::test]
+    async fn a_name_that_stops_resolving_keeps_its_last_address() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dns_up = AtomicBool::new(true);
+        let resolver = |name: String| {
+            let up = dns_up.load(Ordering::SeqCst);
+            async move {
+                match (up, name.as_str()) {
+                    (true, "db.test") => Ok(vec!["192.0.2.8".parse().unwrap()]),
+                    _ => Err("Temporary failure in name resolution".to_string()),
+                }
+            }
+        };
+        let entries = [entry("db.test", "db", 5432), entry("new.test", "new", 5432)];
+        let mut last = HashMap::new();
+        let ok = |got: &[Result<Instance, (String, String)>]| -> Vec<String> {
+            got.iter()
+                .filter_map(|r| r.as_ref().ok())
+                .map(|i| format!("{} {}", i.id, i.addr))
+                .collect()
+        };
+        let got = resolve_entries(&entries, resolver, &mut last).await;
+        assert_eq!(ok(&got), ["n/db 192.0.2.8:5432"]);
+        dns_up.store(false, Ordering::SeqCst);
+        let got = resolve_entries(&entries, resolver, &mut last).await;
+        assert_eq!(ok(&got), ["n/db 192.0.2.8:5432"], "kept through the outage");
+        assert!(
+            matches!(&got[1], Err((key, why)) if key == "n/new" && why.contains("Temporary")),
+            "a name never resolved is still skipped: {got:?}"
+        );
     }
 
     #[tokio::test]
     async fn localhost_resolves_with_the_system_resolver() {
-        let got = resolve_entries(&[entry("localhost", "local", 8080)], lookup).await;
+        let got = resolve_entries(
+            &[entry("localhost", "local", 8080)],
+            lookup,
+            &mut HashMap::new(),
+        )
+        .await;
         let i = got[0].as_ref().expect("localhost resolves");
         assert!(i.addr.ip().is_loopback(), "{i:?}");
         assert_eq!(i.addr.port(), 8080);
