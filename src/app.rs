@@ -42,12 +42,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!("BATON_ROUTES is empty: every request will be answered 404");
     }
 
-    let listener = listen::bind(config.inbound_addr, config.inbound_mode).with_context(|| {
-        format!(
-            "cannot listen on BATON_INBOUND_ADDR={} (mode {:?})",
-            config.inbound_addr, config.inbound_mode
-        )
-    })?;
+    let keepalive = Some(config.tcp_keepalive).filter(|d| !d.is_zero());
+    let listener =
+        listen::bind(config.inbound_addr, config.inbound_mode, keepalive).with_context(|| {
+            format!(
+                "cannot listen on BATON_INBOUND_ADDR={} (mode {:?})",
+                config.inbound_addr, config.inbound_mode
+            )
+        })?;
     let admin_listener = listen::bind_plain(config.admin_addr)
         .with_context(|| format!("cannot listen on BATON_ADMIN_ADDR={}", config.admin_addr))?;
     let inbound_addr = listener.local_addr()?;

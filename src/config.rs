@@ -151,6 +151,8 @@ vars! {
     BATON_UPSTREAM_PROTOCOL_OVERRIDES = DEFAULT_UPSTREAM_PROTOCOL_OVERRIDES: "";
     /// Timeout for connecting to an endpoint.
     BATON_CONNECT_TIMEOUT = DEFAULT_CONNECT_TIMEOUT: "1s";
+    /// TCP keepalive idle time on client and upstream connections (0: off).
+    BATON_TCP_KEEPALIVE = DEFAULT_TCP_KEEPALIVE: "60s";
     /// Timeout from request to response headers (all retries included).
     BATON_REQUEST_TIMEOUT = DEFAULT_REQUEST_TIMEOUT: "30s";
     /// Retries of idempotent, bodiless requests whose connection failed.
@@ -302,6 +304,9 @@ pub struct Config {
     /// Connect timeout.
     #[serde(serialize_with = "duration")]
     pub connect_timeout: Duration,
+    /// TCP keepalive idle time (zero: off).
+    #[serde(serialize_with = "duration")]
+    pub tcp_keepalive: Duration,
     /// Request timeout.
     #[serde(serialize_with = "duration")]
     pub request_timeout: Duration,
@@ -1206,6 +1211,7 @@ impl Config {
             DEFAULT_CONNECT_TIMEOUT,
             positive_duration,
         );
+        let tcp_keepalive = p.var(BATON_TCP_KEEPALIVE, DEFAULT_TCP_KEEPALIVE, parse_duration);
         let request_timeout = p.var(
             BATON_REQUEST_TIMEOUT,
             DEFAULT_REQUEST_TIMEOUT,
@@ -1402,6 +1408,7 @@ impl Config {
             static_file_services,
             hash_key: hash_key.ok_or_else(missing)?,
             connect_timeout: connect_timeout.ok_or_else(missing)?,
+            tcp_keepalive: tcp_keepalive.ok_or_else(missing)?,
             request_timeout: request_timeout.ok_or_else(missing)?,
             retries: retries.ok_or_else(missing)?,
             max_in_flight: max_in_flight.ok_or_else(missing)?,
@@ -1459,6 +1466,7 @@ mod tests {
         assert_eq!(c.inbound_addr, DEFAULT_INBOUND_ADDR.parse().unwrap());
         assert_eq!(c.inbound_mode, InboundMode::Plain);
         assert_eq!(c.detect_timeout, Duration::from_secs(10));
+        assert_eq!(c.tcp_keepalive, Duration::from_secs(60));
         assert_eq!(c.retries, 2);
         assert!(c.routes.is_empty());
         assert!(c.workers >= 1);
@@ -1514,6 +1522,16 @@ mod tests {
             text.contains("BATON_INBOUND_ADDR=\"nonsense\": expected IP:PORT"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn tcp_keepalive_takes_a_duration_or_zero_for_off() {
+        let c = parse(&[(BATON_TCP_KEEPALIVE, "15s")]).unwrap();
+        assert_eq!(c.tcp_keepalive, Duration::from_secs(15));
+        let c = parse(&[(BATON_TCP_KEEPALIVE, "0")]).unwrap();
+        assert!(c.tcp_keepalive.is_zero());
+        let err = parse(&[(BATON_TCP_KEEPALIVE, "often")]).unwrap_err();
+        assert_eq!(err.0[0].name, BATON_TCP_KEEPALIVE);
     }
 
     #[test]

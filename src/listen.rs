@@ -14,10 +14,19 @@ const BACKLOG: i32 = 4096;
 
 /// Binds a listener on `addr` for `mode`. In `tproxy` mode the socket is
 /// `IP_TRANSPARENT` (needs CAP_NET_ADMIN), so it accepts connections addressed to any
-/// IP that the TPROXY rules send to it.
-pub fn bind(addr: SocketAddr, mode: InboundMode) -> io::Result<TcpListener> {
+/// IP that the TPROXY rules send to it. With a `keepalive` idle time the accepted
+/// connections have TCP keepalive (`BATON_TCP_KEEPALIVE`): set on the listener, Linux
+/// gives it to every connection it accepts, at no cost per connection.
+pub fn bind(
+    addr: SocketAddr,
+    mode: InboundMode,
+    keepalive: Option<Duration>,
+) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    if let Some(idle) = keepalive {
+        socket.set_tcp_keepalive(&baton_layers::proxy::connect::keepalive(idle))?;
+    }
     if mode == InboundMode::Tproxy {
         if addr.is_ipv4() {
             socket.set_ip_transparent_v4(true)?;
@@ -33,7 +42,7 @@ pub fn bind(addr: SocketAddr, mode: InboundMode) -> io::Result<TcpListener> {
 
 /// Binds a plain listener (the admin server).
 pub fn bind_plain(addr: SocketAddr) -> io::Result<TcpListener> {
-    bind(addr, InboundMode::Plain)
+    bind(addr, InboundMode::Plain, None)
 }
 
 /// The destination the client meant to reach.
@@ -120,4 +129,30 @@ fn accept_now(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
     let stream: std::net::TcpStream = socket.into();
     stream.set_nonblocking(true).ok()?;
     Some((TcpStream::from_std(stream).ok()?, client))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_the_listeners_keepalive() {
+        let idle = Duration::from_secs(37);
+        for keepalive in [Some(idle), None] {
+            let listener = bind(([127, 0, 0, 1], 0).into(), InboundMode::Plain, keepalive).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let _client = TcpStream::connect(addr).await.unwrap();
+            let (accepted, _) = listener.accept().await.unwrap();
+            let sock = SockRef::from(&accepted);
+            assert_eq!(sock.keepalive().unwrap(), keepalive.is_some());
+            if keepalive.is_some() {
+                assert_eq!(sock.tcp_keepalive_time().unwrap(), idle);
+                assert_eq!(
+                    sock.tcp_keepalive_interval().unwrap(),
+                    Duration::from_secs(10)
+                );
+                assert_eq!(sock.tcp_keepalive_retries().unwrap(), 6);
+            }
+        }
+    }
 }

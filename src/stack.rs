@@ -86,6 +86,7 @@ pub fn build(
 ) -> Stacks {
     let connect = Arc::new(ConnectConfig {
         timeout: cfg.connect_timeout,
+        keepalive: Some(cfg.tcp_keepalive).filter(|d| !d.is_zero()),
         ..ConnectConfig::default()
     });
     let http_endpoint = http_endpoint(
