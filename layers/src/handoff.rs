@@ -166,12 +166,12 @@ impl Handoff {
     }
 
     /// Where an endpoint at `ip` takes connections, if it can: it must sit on the
-    /// handoff interface's segment.
+    /// handoff interface's segment, and not be this host (an endpoint here is served
+    /// from here: offering it to our own receiver could only fail, its 4-tuple being
+    /// in use).
     pub fn peer(&self, ip: Ipv4Addr, port: Option<u16>) -> Option<std::net::SocketAddrV4> {
-        self.cfg
-            .peer_nets
-            .iter()
-            .any(|n| n.contains(&ip))
+        let nets = &self.cfg.peer_nets;
+        (nets.iter().any(|n| n.contains(&ip)) && !nets.iter().any(|n| n.addr() == ip))
             .then(|| std::net::SocketAddrV4::new(ip, port.unwrap_or(self.cfg.default_port)))
     }
 
@@ -196,13 +196,19 @@ impl Handoff {
     /// name no test creates (its element operations fail, which the code under test
     /// logs and survives).
     pub(crate) fn for_tests() -> Arc<Self> {
+        Self::for_tests_on(vec!["127.0.0.0/8".parse().expect("a network")])
+    }
+
+    /// [`for_tests`](Self::for_tests) with this host's addresses on the handoff
+    /// interface being `peer_nets`.
+    pub(crate) fn for_tests_on(peer_nets: Vec<Ipv4Net>) -> Arc<Self> {
         let cfg = HandoffConfig {
             key: Key::new(&[9; 32]).expect("a 32-byte key"),
             timeout: Duration::from_millis(50),
             listen_port: 15010,
             default_port: 15010,
             fe_cidrs: vec!["127.0.0.0/8".parse().expect("a network")],
-            peer_nets: vec!["127.0.0.0/8".parse().expect("a network")],
+            peer_nets,
             services: None,
             app_addr: "127.0.0.1:8080".parse().expect("an address"),
             app_pass: None,
@@ -226,4 +232,28 @@ pub enum ReadError {
     /// The bytes were not an acceptable message.
     #[error(transparent)]
     Wire(#[from] wire::WireError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_on_the_segment_and_not_this_host() {
+        let h = Handoff::for_tests_on(vec!["10.1.0.5/24".parse().unwrap()]);
+        assert_eq!(
+            h.peer(Ipv4Addr::new(10, 1, 0, 7), None),
+            Some("10.1.0.7:15010".parse().unwrap())
+        );
+        assert_eq!(
+            h.peer(Ipv4Addr::new(10, 1, 0, 7), Some(16000)),
+            Some("10.1.0.7:16000".parse().unwrap())
+        );
+        assert_eq!(h.peer(Ipv4Addr::new(10, 1, 0, 5), None), None, "this host");
+        assert_eq!(
+            h.peer(Ipv4Addr::new(10, 2, 0, 7), None),
+            None,
+            "off the segment"
+        );
+    }
 }

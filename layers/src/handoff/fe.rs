@@ -330,7 +330,10 @@ impl<N: NewService<Endpoint>> NewService<Endpoint> for NewTerminal<N> {
 
     fn new_service(&self, ep: Endpoint) -> Self::Service {
         let peer = match (&self.handoff, ep.addr.ip()) {
-            (Some(h), std::net::IpAddr::V4(ip)) if h.serves(&ep.logical.service) => {
+            // `local` is this pod's own application: nothing to hand off to.
+            (Some(h), std::net::IpAddr::V4(ip))
+                if !ep.logical.is_local() && h.serves(&ep.logical.service) =>
+            {
                 h.peer(ip, ep.handoff_port).map(|p| Peer {
                     service: h.policy().service(&ep.logical.service),
                     handoff: h.clone(),

@@ -61,8 +61,10 @@ pub const RESTORED: &str = "restored";
 /// see `tables::ruleset`); they skip the redirect.
 pub const FRESH: &str = "fresh";
 
-/// Flows per refresh batch.
-const REFRESH_CHUNK: usize = 256;
+/// Flows per refresh batch: two acknowledged messages each, and every acknowledgement
+/// waits in the socket's receive buffer until the batch is sent (each costs far more
+/// than its 36 bytes there), so a batch must stay well inside the default buffer.
+const REFRESH_CHUNK: usize = 64;
 /// Element lookups per `sendmsg`: their replies (an element and an acknowledgement
 /// each) must fit in the socket's receive buffer at once.
 const QUERY_CHUNK: usize = 32;
@@ -242,8 +244,10 @@ impl Tables {
         self.replace(RESTORED, flows, None)
     }
 
-    /// Replaces the elements of `flows` in `set` (with `data`, for a map), in batches.
+    /// Replaces the elements of `flows` in `set` (with `data`, for a map), in batches;
+    /// a batch that fails does not stop the others (the first error is returned).
     fn replace(&self, set: &'static str, flows: &[Flow], data: Option<Ipv4Addr>) -> io::Result<()> {
+        let mut first_error = None;
         for chunk in flows.chunks(REFRESH_CHUNK) {
             let ops: Vec<Op> = chunk
                 .iter()
@@ -259,9 +263,11 @@ impl Tables {
                     ]
                 })
                 .collect();
-            self.apply(&ops)?;
+            if let Err(e) = self.apply(&ops) {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// How long moved and restored entries live without a refresh.
