@@ -287,8 +287,9 @@ impl Slot {
 }
 
 impl Handoff {
-    /// FE: the working control connection to `peer`, opened if there is none (the
-    /// caller bounds the wait).
+    /// FE: the working control connection to `peer`, opened if there is none. Opening
+    /// one waits at most `BATON_HANDOFF_TIMEOUT`; a connect that fails or times out
+    /// backs the peer off, so a caller waiting for the slot behind it returns at once.
     pub(super) async fn control_to(
         self: &Arc<Self>,
         peer: SocketAddrV4,
@@ -313,7 +314,14 @@ impl Handoff {
                 "backing off after failed connects",
             ));
         }
-        let conn = match TcpStream::connect(peer).await {
+        let connect = tokio::time::timeout(self.cfg.timeout, TcpStream::connect(peer));
+        let connected = connect.await.unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer to the control connection's SYN",
+            ))
+        });
+        let conn = match connected {
             Ok(conn) => conn,
             Err(e) => {
                 slot.failed();

@@ -527,10 +527,13 @@ impl Handoff {
         // 0. the control connection to the BE, before anything is frozen: opening one
         // (or finding its peer unreachable, or backing off from it) costs the socket
         // nothing.
-        let control = match tokio::time::timeout(self.cfg.timeout, self.control_to(peer)).await {
-            Ok(Ok(control)) => control,
-            Ok(Err(_)) => return Err("unreachable"),
-            Err(_) => return Err("timeout"),
+        // (Bounded inside: a connect that times out counts as a failure there, so an
+        // endpoint whose handoff port drops SYNs is backed off from like one that
+        // refuses.)
+        let control = match self.control_to(peer).await {
+            Ok(control) => control,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err("timeout"),
+            Err(_) => return Err("unreachable"),
         };
         let Some((owned, mut data)) = t.freeze_gate() else {
             return Err("socket");
